@@ -1,0 +1,235 @@
+"""CacheEngine: prompt -> chunk keys -> tiers. No vLLM import.
+
+The engine answers three questions for a prompt's :class:`~kvshelf.keys.ChunkPlan`:
+which longest prefix exists (:meth:`locate`), which longest prefix can really be read
+and verified (:meth:`fetch_plan`, which also pins it in memory for a later copy), and
+where to put new KV (:meth:`new_entry` + :meth:`save`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from kvshelf.codec import Entry, payload_bytes
+from kvshelf.config import KVShelfConfig
+from kvshelf.keys import Chunk, ChunkPlan, MediaSpan, Namespace, StoreKey, plan_chunks, store_key
+from kvshelf.storage.base import HeapMemory, HostMemory, Store, StoreStats
+from kvshelf.storage.disk import DiskStore
+from kvshelf.storage.memory import MemoryStore
+from kvshelf.storage.tiered import SaveQueueStats, TieredStore
+
+logger = logging.getLogger(__name__)
+
+_FIRST_LOCATE_BATCH = 8  # full chunks asked about before the first absent one is known
+
+# num_tokens -> (dtype, shape) the payload of a chunk of that many tokens must have.
+PayloadSpec = Callable[[int], tuple[str, tuple[int, ...]]]
+
+
+@dataclass
+class EngineStats:
+    """Engine-level counters; per-tier ones live in each tier's StoreStats."""
+
+    verify_failures: int = 0  # entries whose check digest, size or shape was wrong
+    saved_chunks: int = 0
+
+
+@dataclass
+class _Hold:
+    entries: list[tuple[Chunk, Entry]]
+    pinned: list[StoreKey]
+    deadline: float
+
+
+class CacheEngine:
+    """Thread-safe. ``remote`` is an optional third tier (e.g. Redis)."""
+
+    def __init__(
+        self,
+        config: KVShelfConfig,
+        namespace: Namespace,
+        payload_spec: PayloadSpec | None = None,
+        host: HostMemory | None = None,
+        remote: Store | None = None,
+    ):
+        if namespace.chunk_size != config.chunk_size:
+            raise ValueError("namespace.chunk_size must equal config.chunk_size")
+        self.config = config
+        self.namespace = namespace
+        self.namespace_id = namespace.id()
+        self.payload_spec = payload_spec
+        memory = MemoryStore(config.cpu_bytes, host) if config.cpu_bytes > 0 else None
+        lower: list[Store] = []
+        if config.disk_path is not None:
+            disk = DiskStore(config.disk_path, config.disk_bytes, config.disk_fsync, memory)
+            disk.describe_namespace(self.namespace_id, namespace.to_json())
+            lower.append(disk)
+        if remote is None and config.remote_url:
+            from kvshelf.storage.redis import open_remote  # redis-py only when asked for
+
+            remote = open_remote(config, memory)
+        if remote is not None:
+            lower.append(remote)
+        self.store = TieredStore(memory, lower, config.save_queue_bytes, config.save_threads)
+        self.counters = EngineStats()
+        self._heap = HeapMemory()
+        self._holds: dict[str, _Hold] = {}
+        self._lock = threading.Lock()
+
+    # -- keys --------------------------------------------------------------------
+    def plan(self, token_ids, spans: Sequence[MediaSpan] = (), salt: str = "") -> ChunkPlan:
+        return plan_chunks(token_ids, spans, self.config.chunk_size, salt)
+
+    def key(self, chunk: Chunk) -> StoreKey:
+        return store_key(self.namespace_id, chunk.key)
+
+    # -- lookups -----------------------------------------------------------------
+    def locate(self, plan: ChunkPlan) -> list[Chunk]:
+        """The longest prefix whose chunks exist in some tier (existence only)."""
+        # Ask in growing batches and stop at the first absent full chunk: a new prompt
+        # then costs a few key checks, not one per chunk in every tier.
+        found = 0
+        batch = _FIRST_LOCATE_BATCH
+        while found < len(plan.full):
+            chunks = plan.full[found : found + batch]
+            where = self.store.locate([self.key(c) for c in chunks])
+            present = next((i for i, w in enumerate(where) if w is None), len(chunks))
+            found += present
+            if present < len(chunks):
+                break
+            batch *= 2
+        prefix = list(plan.full[:found])
+        cuts = plan.cuts_from(found)  # longest first
+        if cuts:
+            where = self.store.locate([self.key(c) for c in cuts])
+            prefix += [c for c, w in zip(cuts, where) if w is not None][:1]
+        return prefix
+
+    def fetch(self, chunks: Sequence[Chunk], owner: str) -> list[Chunk]:
+        """Read and verify ``chunks`` in order, stopping at the first that fails, and
+        pin what was read under ``owner`` (adding to an existing hold). Returns the
+        verified prefix."""
+        entries = self.store.get([self.key(c) for c in chunks], pin=True)
+        good: list[tuple[Chunk, Entry]] = []
+        for chunk, entry in zip(chunks, entries):
+            if entry is None or not self._verified(entry, chunk):
+                break
+            good.append((chunk, entry))
+        self._unpin_resident(entries[len(good) :])
+        with self._lock:
+            hold = self._holds.setdefault(owner, _Hold([], [], 0.0))
+            hold.entries.extend(good)
+            hold.pinned.extend(self.key(c) for c, e in good if self._resident(e))
+            hold.deadline = time.monotonic() + self.config.hold_timeout_s
+        return [c for c, _ in good]
+
+    def fetch_plan(self, plan: ChunkPlan, owner: str) -> int:
+        """Hold (read, verify, pin) the longest loadable prefix of ``plan`` under
+        ``owner``, replacing any earlier hold; returns its length in tokens."""
+        self.release(owner)
+        self._expire_holds()
+        wanted = self.locate(plan)
+        got = self.fetch(wanted, owner)
+        if len(got) < len(wanted):
+            # A full chunk or the longest cut failed: a shorter cut may still be readable.
+            for cut in plan.cuts_from(len(got)):
+                if self.fetch([cut], owner):
+                    got.append(cut)
+                    break
+        return got[-1].end if got else 0
+
+    def held(self, owner: str) -> list[tuple[Chunk, Entry]]:
+        """The chunks and entries held for ``owner`` (pinned until :meth:`release`)."""
+        with self._lock:
+            hold = self._holds.get(owner)
+            return list(hold.entries) if hold else []
+
+    def release(self, owner: str) -> None:
+        with self._lock:
+            hold = self._holds.pop(owner, None)
+        if hold is not None and self.store.memory is not None:
+            self.store.memory.unpin(hold.pinned)
+
+    # -- saves -------------------------------------------------------------------
+    def new_entry(self, chunk: Chunk, dtype: str, shape: tuple[int, ...]) -> Entry:
+        """An entry with an uninitialised payload for ``chunk``; fill it, then
+        :meth:`save` it. The buffer comes from the memory tier when it has room."""
+        nbytes = payload_bytes(dtype, shape)
+        memory = self.store.memory
+        block = memory.allocate(nbytes) if memory is not None else None
+        if block is None:
+            block = self._heap.alloc(nbytes)
+        return Entry(self.key(chunk), chunk.check, chunk.num_tokens, dtype, shape, block.view, block)
+
+    def discard(self, entry: Entry) -> None:
+        """Give back an entry from :meth:`new_entry` that will not be saved."""
+        memory = self.store.memory
+        if memory is not None and memory.owns(entry):
+            memory.discard(entry.owner)
+
+    def missing(self, chunks: Sequence[Chunk]) -> list[Chunk]:
+        """The chunks no tier holds yet (what is worth saving)."""
+        where = self.store.locate([self.key(c) for c in chunks])
+        return [c for c, w in zip(chunks, where) if w is None]
+
+    def save(self, entries: Sequence[Entry]) -> None:
+        """Memory now, lower tiers in the background. Never blocks."""
+        with self._lock:
+            self.counters.saved_chunks += len(entries)
+        self.store.put(entries)
+
+    # -- the rest ----------------------------------------------------------------
+    def stats(self) -> tuple[EngineStats, list[StoreStats], SaveQueueStats]:
+        return (
+            EngineStats(**vars(self.counters)),
+            self.store.stats(),
+            self.store.queue_stats(),
+        )
+
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        return self.store.flush(timeout_s)
+
+    def close(self) -> None:
+        with self._lock:
+            owners = list(self._holds)
+        for owner in owners:
+            self.release(owner)
+        self.store.close()
+
+    # -- internals ---------------------------------------------------------------
+    def _verified(self, entry: Entry, chunk: Chunk) -> bool:
+        ok = entry.check == chunk.check and entry.num_tokens == chunk.num_tokens
+        if ok and self.payload_spec is not None:
+            ok = (entry.dtype, tuple(entry.shape)) == self.payload_spec(chunk.num_tokens)
+        if not ok:
+            with self._lock:
+                self.counters.verify_failures += 1
+            logger.warning(
+                "kvshelf: entry %s does not match the chunk it is filed under; removed",
+                entry.key.hex(),
+            )
+            self.store.delete([entry.key])
+        return ok
+
+    def _resident(self, entry: Entry) -> bool:
+        memory = self.store.memory
+        return memory is not None and memory.owns(entry)
+
+    def _unpin_resident(self, entries: Sequence[Entry | None]) -> None:
+        if self.store.memory is not None:
+            self.store.memory.unpin([e.key for e in entries if e is not None and self._resident(e)])
+
+    def _expire_holds(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            stale = [owner for owner, hold in self._holds.items() if hold.deadline < now]
+        for owner in stale:
+            logger.warning(
+                "kvshelf: releasing hold of %s after %.0f s", owner, self.config.hold_timeout_s
+            )
+            self.release(owner)
+

@@ -1,0 +1,210 @@
+"""The memory tier: a byte-budgeted LRU of entries in host memory.
+
+Buffers come from a :class:`~kvshelf.storage.base.HostMemory` (plain heap, or pinned
+memory when CUDA is present). Entries can be pinned: a pinned entry is never evicted
+nor freed, so a copy out of it (to the GPU, to disk, to Redis) is safe while pinned.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter, OrderedDict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+
+from kvshelf.codec import Entry
+from kvshelf.keys import StoreKey
+from kvshelf.storage.base import Counters, HeapMemory, HostBlock, HostMemory, Store, StoreStats
+
+
+class MemoryStore(Store):
+    """Byte-budgeted LRU. ``capacity_bytes`` bounds resident entries plus buffers
+    handed out by :meth:`allocate` and not yet stored or discarded."""
+
+    name = "memory"
+
+    def __init__(self, capacity_bytes: int, host: HostMemory | None = None):
+        self.capacity_bytes = capacity_bytes
+        self.host = host or HeapMemory()
+        self._entries: OrderedDict[StoreKey, Entry] = OrderedDict()  # oldest first
+        self._pins: Counter[StoreKey] = Counter()
+        self._doomed: dict[StoreKey, list[Entry]] = {}  # deleted while pinned: freed on unpin
+        self._used = 0
+        self._lock = threading.Lock()
+        self._counters = Counters(self.name, capacity_bytes)
+
+    # -- buffers ---------------------------------------------------------------
+    def allocate(self, nbytes: int) -> HostBlock | None:
+        """A buffer counted against the budget, evicting unpinned LRU entries to make
+        room. ``None`` when the budget cannot fit it (too big, or everything pinned)."""
+        with self._lock:
+            victims = self._make_room(nbytes)
+            if victims is None:
+                return None
+            # Hand out an evicted buffer of the same size rather than fresh memory: new
+            # pages cost a fault each (and a pinned allocator is slow to grow).
+            reused = next((b for b in victims if b.view.nbytes == nbytes), None)
+            for block in victims:
+                if block is not reused:
+                    self._release(block)
+            if reused is not None:
+                return reused  # its bytes stay counted in _used, now as a buffer
+            block = self.host.alloc(nbytes)
+            if block is not None:
+                self._used += nbytes
+            return block
+
+    def discard(self, block: HostBlock) -> None:
+        """Return a buffer from :meth:`allocate` that was never stored."""
+        with self._lock:
+            self._release(block)
+
+    def owns(self, entry: Entry) -> bool:
+        return isinstance(entry.owner, HostBlock) and entry.owner.memory is self.host
+
+    # -- Store -------------------------------------------------------------------
+    def contains(self, keys: Sequence[StoreKey]) -> list[bool]:
+        with self._lock:
+            found = [key in self._entries for key in keys]
+        self._counters.add(lookups=len(found), lookup_hits=sum(found))
+        return found
+
+    def get(self, keys: Sequence[StoreKey]) -> list[Entry | None]:
+        with self._lock:
+            out = [self._touch(key) for key in keys]
+        hits = [e for e in out if e is not None]
+        self._counters.add(
+            hits=len(hits), misses=len(out) - len(hits), bytes_read=sum(e.nbytes for e in hits)
+        )
+        return out
+
+    def put(self, entries: Sequence[Entry]) -> int:
+        return sum(self.insert(entry) is not None for entry in entries)
+
+    def insert(self, entry: Entry, pin: bool = False) -> Entry | None:
+        """Store one entry (adopting its buffer when it came from :meth:`allocate`,
+        copying otherwise) and return the resident entry, pinned if ``pin``.
+        ``None`` when it does not fit."""
+        resident = self._adopt(entry, pin)
+        if resident is None:  # not our buffer: copy it into one
+            copied = self._copy_in(entry)
+            if copied is None:
+                self._counters.add(write_failures=1)
+                return None
+            resident = self._adopt(copied, pin)
+        return resident
+
+    def delete(self, keys: Sequence[StoreKey]) -> int:
+        removed = 0
+        with self._lock:
+            for key in keys:
+                entry = self._entries.pop(key, None)
+                if entry is None:
+                    continue
+                removed += 1
+                if self._pins[key]:
+                    self._doomed.setdefault(key, []).append(entry)
+                else:
+                    self._release(entry.owner)
+        return removed
+
+    def stats(self) -> StoreStats:
+        with self._lock:
+            used, count = self._used, len(self._entries)
+        return self._counters.snapshot(used_bytes=used, entries=count)
+
+    # -- pins --------------------------------------------------------------------
+    def pin(self, keys: Sequence[StoreKey]) -> list[Entry | None]:
+        """Pin and return the entries present; ``None`` for absent keys (not pinned)."""
+        with self._lock:
+            out = []
+            for key in keys:
+                entry = self._touch(key)
+                if entry is not None:
+                    self._pins[key] += 1
+                out.append(entry)
+        hits = [e for e in out if e is not None]
+        self._counters.add(
+            hits=len(hits), misses=len(out) - len(hits), bytes_read=sum(e.nbytes for e in hits)
+        )
+        return out
+
+    def unpin(self, keys: Sequence[StoreKey]) -> None:
+        """Undo one :meth:`pin` of each key that was pinned."""
+        with self._lock:
+            for key in keys:
+                if self._pins[key] <= 0:
+                    continue
+                self._pins[key] -= 1
+                if self._pins[key] == 0:
+                    del self._pins[key]
+                    for doomed in self._doomed.pop(key, ()):
+                        self._release(doomed.owner)
+
+    @contextmanager
+    def pinned(self, keys: Sequence[StoreKey]) -> Iterator[list[Entry | None]]:
+        entries = self.pin(keys)
+        try:
+            yield entries
+        finally:
+            self.unpin([e.key for e in entries if e is not None])
+
+    # -- internals (callers hold self._lock where noted) --------------------------------
+    def _adopt(self, entry: Entry, pin: bool) -> Entry | None:
+        """Insert ``entry`` if it owns one of our buffers, or find the key already
+        resident; ``None`` when neither (the caller copies the payload in)."""
+        with self._lock:
+            resident = self._entries.get(entry.key)
+            if resident is not None:
+                self._entries.move_to_end(entry.key)
+                if self.owns(entry) and entry.owner is not resident.owner:
+                    self._release(entry.owner)
+                self._counters.add(write_skips=1)
+            elif self.owns(entry):
+                resident = self._entries[entry.key] = entry
+                self._counters.add(writes=1, bytes_written=entry.nbytes)
+            else:
+                return None
+            if pin:
+                self._pins[entry.key] += 1
+            return resident
+
+    def _copy_in(self, entry: Entry) -> Entry | None:
+        block = self.allocate(entry.nbytes)
+        if block is None:
+            return None
+        block.view[:] = entry.payload.cast("B")
+        return replace(entry, payload=block.view, owner=block)
+
+    def _touch(self, key: StoreKey) -> Entry | None:  # holds lock
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+        return entry
+
+    def _make_room(self, nbytes: int) -> list[HostBlock] | None:  # holds lock
+        """Evict unpinned LRU entries until ``nbytes`` more fit; returns their buffers,
+        still counted in ``_used`` (the caller releases or reuses them), or ``None``
+        when ``nbytes`` cannot fit (then nothing is evicted)."""
+        if nbytes > self.capacity_bytes:
+            return None
+        if self._used + nbytes <= self.capacity_bytes:
+            return []
+        victims = []
+        freed = 0
+        for key, entry in self._entries.items():
+            if self._used - freed + nbytes <= self.capacity_bytes:
+                break
+            if not self._pins[key]:
+                victims.append(key)
+                freed += entry.nbytes
+        if self._used - freed + nbytes > self.capacity_bytes:
+            return None
+        self._counters.add(evictions=len(victims))
+        return [self._entries.pop(key).owner for key in victims]
+
+    def _release(self, block: object) -> None:  # holds lock
+        if isinstance(block, HostBlock) and block.memory is self.host:
+            self._used -= block.view.nbytes
+            self.host.free(block)

@@ -1,0 +1,477 @@
+"""Tiny multimodal model directories that vLLM (CPU build) serves offline.
+
+Each directory holds a config, a locally trained tokenizer and processor configs and, by
+default, a `model.safetensors` of seeded random weights (normal, std 0.02; norms at 1).
+
+Why real weights: vLLM's `--load-format dummy` fills every tensor, norms included, with
+uniform values in +-1e-3, which makes the logits uniform: every prompt gives the same greedy
+output, so comparing outputs could never catch a wrong KV cache. `dummy_weights=True` still
+builds a config-only dir (no weight file; served with `--load-format dummy`) for benchmarks
+and start-up tests, where the outputs do not matter.
+
+`build_model` writes into a temporary sibling directory and renames it into place after
+writing a marker file last, so a directory that has the marker is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from kvshelf.testing.tokenizer import build_tokenizer
+
+MARKER_NAME = "kvshelf_build.json"
+# Bump when the files a builder writes change, so old directories get rebuilt.
+BUILD_FORMAT_VERSION = 3
+
+DTYPES: tuple[str, ...] = ("bfloat16", "float32", "float16")
+
+
+@dataclass(frozen=True)
+class SizePreset:
+    """Shape of the language model; the vision/audio towers stay tiny at every size."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+# vLLM's CPU attention supports head sizes of 32 and up, hence xs has 4 heads of 32.
+SIZES: dict[str, SizePreset] = {
+    "xs": SizePreset(128, 256, 2, 4, 2),
+    "s": SizePreset(256, 512, 4, 4, 2),
+    "m": SizePreset(512, 1536, 8, 8, 4),
+    "l": SizePreset(1024, 2816, 12, 16, 4),
+    "xl": SizePreset(1536, 4096, 16, 16, 4),
+}
+
+# Modalities each family accepts, in the names vLLM uses.
+FAMILY_MODALITIES: dict[str, tuple[str, ...]] = {
+    "qwen2_audio": ("audio",),
+    "idefics3": ("image",),
+    "ovis2_5": ("image", "video"),
+}
+FAMILIES: tuple[str, ...] = tuple(FAMILY_MODALITIES)
+
+# Request types (see kvshelf.testing.requests) each family serves, text-only included.
+FAMILY_REQUEST_TYPES: dict[str, tuple[str, ...]] = {
+    "qwen2_audio": ("text-only", "audio"),
+    "idefics3": ("text-only", "single-image", "multi-image"),
+    "ovis2_5": ("text-only", "single-image", "multi-image", "video"),
+}
+
+# Ovis2.5 profiles with a 1792x1792 dummy image (3,136 tokens) and as many video frames as fit;
+# capping the dummy sizes and the sampled frames keeps profiling inside a 4K context and makes
+# the test clip cost a few hundred tokens.
+_OVIS_LIMIT_MM = {
+    "image": {"count": 4, "width": 448, "height": 448},
+    "video": {"count": 1, "num_frames": 8, "width": 448, "height": 448},
+}
+_OVIS_MEDIA_IO = {"video": {"num_frames": 8}}
+
+_SERVE_ARGS: dict[str, tuple[str, ...]] = {
+    "qwen2_audio": (),
+    "idefics3": (),
+    "ovis2_5": (
+        # The config class is a local Python file in the model dir (see ovis/).
+        "--trust-remote-code",
+        "--limit-mm-per-prompt", json.dumps(_OVIS_LIMIT_MM),
+        "--media-io-kwargs", json.dumps(_OVIS_MEDIA_IO),
+    ),
+}
+
+WEIGHTS_FILE = "model.safetensors"
+_INIT_STD = 0.02
+_INIT_SEED = 0
+
+
+def serve_args(family: str, *, dtype: str | None = None, dummy_weights: bool = False) -> list[str]:
+    """Extra `vllm serve` arguments a model dir of `family` needs (model path not included).
+
+    `dummy_weights` must match the build. With `dtype`, adds `--dtype`; without it vLLM uses
+    the dtype written in config.json.
+    """
+    _check_family(family)
+    args = list(_SERVE_ARGS[family])
+    if dummy_weights:
+        args += ["--load-format", "dummy"]
+    if dtype is not None:
+        _check_dtype(dtype)
+        args += ["--dtype", dtype]
+    return args
+
+
+def build_model(family: str, out_dir: str | os.PathLike[str], size: str = "m", *,
+                dtype: str = "bfloat16", dummy_weights: bool = False) -> Path:
+    """Build (or reuse) a tiny random-weight `family` model in `out_dir`; returns its path.
+
+    `dtype` is the default serving dtype written to config.json (weights are stored as
+    bfloat16 either way, so a dir serves the same values in any dtype). Fast when `out_dir`
+    already holds a complete build with the same parameters. A directory with another build's
+    marker is rebuilt; one without a marker is replaced only if it holds no subdirectories.
+    """
+    _check_family(family)
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose one of {sorted(SIZES)}")
+    _check_dtype(dtype)
+    out = Path(out_dir).resolve()
+    params = _build_params(family, size, dtype, dummy_weights)
+    if _read_marker(out) == params:
+        return out
+    if out.exists():
+        _check_replaceable(out)
+    tmp = out.with_name(f".{out.name}.building-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        checkpoint_shapes = _WRITERS[family](tmp, SIZES[size], dtype)
+        if not dummy_weights:
+            _write_random_checkpoint(tmp / WEIGHTS_FILE, checkpoint_shapes)
+        _write_json(tmp / MARKER_NAME, params)
+        _move_into_place(tmp, out, params)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def read_build_info(model_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The marker of a complete build (family, size, dtype, serve_args, ...), else None."""
+    return _read_marker(Path(model_dir))
+
+
+def _check_family(family: str) -> None:
+    if family not in FAMILY_MODALITIES:
+        raise ValueError(f"unknown model family {family!r}; choose one of {list(FAMILIES)}")
+
+
+def _check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {list(DTYPES)}")
+
+
+def _build_params(family: str, size: str, dtype: str, dummy_weights: bool) -> dict[str, Any]:
+    return {
+        "format_version": BUILD_FORMAT_VERSION,
+        "family": family,
+        "size": size,
+        "dtype": dtype,
+        "dummy_weights": dummy_weights,
+        "preset": asdict(SIZES[size]),
+        "serve_args": serve_args(family, dummy_weights=dummy_weights),
+    }
+
+
+def _read_marker(out: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((out / MARKER_NAME).read_text())
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        return None
+
+
+def _check_replaceable(out: Path) -> None:
+    if not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory; pick another output path")
+    if (out / MARKER_NAME).exists():
+        return
+    subdirs = [p.name for p in out.iterdir() if p.is_dir()]
+    if subdirs:
+        raise FileExistsError(
+            f"{out} has no {MARKER_NAME} and contains directories {subdirs[:3]}; it does not "
+            "look like a model dir built here. Remove it or pick another output path."
+        )
+
+
+def _move_into_place(tmp: Path, out: Path, params: dict[str, Any]) -> None:
+    if out.exists():
+        # Another process may have finished the same build meanwhile; keep its copy.
+        if _read_marker(out) == params:
+            return
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+def _pad_vocab_size(num_tokens: int, multiple: int = 64) -> int:
+    return -(-num_tokens // multiple) * multiple
+
+
+# --- Random checkpoints ------------------------------------------------------------------------
+
+Shapes = dict[str, tuple[int, ...]]
+# (old prefix, new prefix or None to drop), first match wins.
+Renames = Sequence[tuple[str, str | None]]
+
+
+def _meta_shapes(model_class: Any, config: Any, renames: Renames = ()) -> Shapes:
+    """Tensor names (renamed to vLLM's) and shapes of a transformers model.
+
+    Built on the meta device: no memory, no init. Names come from transformers because vLLM's
+    loaders accept the Hugging Face checkpoint layout, but transformers 5 nests some
+    multimodal models differently from the published checkpoints, hence `renames`.
+    """
+    import torch
+
+    with torch.device("meta"):
+        model = model_class(config)
+    shapes: Shapes = {}
+    for name, tensor in model.state_dict().items():
+        for old, new in renames:
+            if name.startswith(old):
+                name = None if new is None else new + name[len(old):]
+                break
+        if name is not None:
+            shapes[name] = tuple(tensor.shape)
+    return shapes
+
+
+def _write_random_checkpoint(path: Path, shapes: Shapes) -> None:
+    """Seeded random tensors, stored as bfloat16, in one safetensors file.
+
+    Matrices ~ N(0, 0.02); 1-D weights are norm scales (every matrix, embedding and conv here
+    is >= 2-D) and start at 1; biases at 0. Names are drawn in sorted order, so the same torch
+    gives the same bytes.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(_INIT_SEED)
+    tensors = {}
+    for name in sorted(shapes):
+        shape = shapes[name]
+        if len(shape) > 1:
+            tensor = torch.empty(shape).normal_(0.0, _INIT_STD, generator=generator)
+        elif name.endswith(".weight"):
+            tensor = torch.ones(shape)
+        else:
+            tensor = torch.zeros(shape)
+        tensors[name] = tensor.to(torch.bfloat16)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+# --- Qwen2-Audio: Qwen2 LM + Whisper-style audio encoder --------------------------------------
+
+def _write_qwen2_audio(out: Path, preset: SizePreset, dtype: str) -> Shapes:
+    from transformers import (
+        Qwen2AudioConfig,
+        Qwen2AudioEncoderConfig,
+        Qwen2AudioForConditionalGeneration,
+        Qwen2AudioProcessor,
+        Qwen2Config,
+        WhisperFeatureExtractor,
+    )
+
+    tokenizer = build_tokenizer(
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>",
+                        "<|audio_bos|>", "<|audio_eos|>"],
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+    audio_token_id = tokenizer.convert_tokens_to_ids("<|AUDIO|>")
+    # 128 mel bins at 16 kHz, as in Qwen2-Audio-7B; vLLM resamples audio to 16 kHz.
+    features = WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, hop_length=160,
+                                       chunk_length=30, n_fft=400)
+    # The processor's default chat template is Qwen2-Audio's ChatML one.
+    processor = Qwen2AudioProcessor(feature_extractor=features, tokenizer=tokenizer)
+    encoder = Qwen2AudioEncoderConfig(num_mel_bins=128, encoder_layers=2, encoder_attention_heads=4,
+                                      encoder_ffn_dim=128, d_model=64, max_source_positions=1500)
+    text = Qwen2Config(
+        vocab_size=_pad_vocab_size(len(tokenizer)), hidden_size=preset.hidden_size,
+        intermediate_size=preset.intermediate_size, num_hidden_layers=preset.num_layers,
+        num_attention_heads=preset.num_heads, num_key_value_heads=preset.num_kv_heads,
+        max_position_embeddings=8192, tie_word_embeddings=True,
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    config = Qwen2AudioConfig(audio_config=encoder, text_config=text, audio_token_index=audio_token_id,
+                              dtype=dtype)
+    # A config saved without a model has no architectures, and vLLM would pick its pooling
+    # runner (no chat endpoint).
+    config.architectures = ["Qwen2AudioForConditionalGeneration"]
+    config.save_pretrained(out)
+    processor.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    # Published layout: audio_tower.*, multi_modal_projector.*, language_model.model.*; the
+    # LM head is tied to the embeddings.
+    return _meta_shapes(Qwen2AudioForConditionalGeneration, config, [
+        ("lm_head.", None), ("model.language_model.", "language_model.model."), ("model.", ""),
+    ])
+
+
+# --- Idefics3: Llama LM + SigLIP vision tower, images split into tiles ------------------------
+
+_IDEFICS3_TILE_PX = 112  # vision image_size; a 224 px longest edge gives 2x2 tiles + global
+_IDEFICS3_PATCH_PX = 14
+_IDEFICS3_SCALE = 2  # pixel-shuffle factor: 64 patches per tile -> 16 tokens
+
+# SmolVLM/Idefics3 style: an image item becomes a literal "<image>", which the processor expands.
+_IDEFICS3_CHAT_TEMPLATE = (
+    "<|begin_of_text|>{% for m in messages %}{{ m['role'] | capitalize }}:"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def _write_idefics3(out: Path, preset: SizePreset, dtype: str) -> Shapes:
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3Processor,
+        Idefics3VisionConfig,
+        LlamaConfig,
+    )
+    from transformers.models.idefics3.image_processing_pil_idefics3 import (
+        Idefics3ImageProcessorPil,
+    )
+
+    # The PIL image processor: the default one needs torchvision, which is not installed.
+    tile_tokens = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+    tokenizer = build_tokenizer(
+        special_tokens=["<unk>", "<|begin_of_text|>", "<end_of_utterance>", "<pad>",
+                        "<fake_token_around_image>", "<image>", "<global-img>", *tile_tokens],
+        eos_token="<end_of_utterance>", pad_token="<pad>", bos_token="<|begin_of_text|>",
+        unk_token="<unk>", chat_template=_IDEFICS3_CHAT_TEMPLATE,
+    )
+    image_seq_len = (_IDEFICS3_TILE_PX // _IDEFICS3_PATCH_PX) ** 2 // _IDEFICS3_SCALE**2
+    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 2 * _IDEFICS3_TILE_PX},
+                                                max_image_size={"longest_edge": _IDEFICS3_TILE_PX})
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
+                                  image_seq_len=image_seq_len, chat_template=_IDEFICS3_CHAT_TEMPLATE)
+    vision = Idefics3VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, image_size=_IDEFICS3_TILE_PX,
+                                  patch_size=_IDEFICS3_PATCH_PX)
+    text = LlamaConfig(
+        vocab_size=_pad_vocab_size(len(tokenizer)), hidden_size=preset.hidden_size,
+        intermediate_size=preset.intermediate_size, num_hidden_layers=preset.num_layers,
+        num_attention_heads=preset.num_heads, num_key_value_heads=preset.num_kv_heads,
+        max_position_embeddings=8192, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    config = Idefics3Config(vision_config=vision, text_config=text, scale_factor=_IDEFICS3_SCALE,
+                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                            pad_token_id=tokenizer.pad_token_id, dtype=dtype)
+    config.architectures = ["Idefics3ForConditionalGeneration"]  # see _write_qwen2_audio
+    config.save_pretrained(out)
+    processor.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return _meta_shapes(Idefics3ForConditionalGeneration, config)  # untied LM head
+
+
+# --- Ovis2.5: Qwen3 LM + SigLIP2-NaViT visual tokenizer (config class is remote code) ----------
+
+# vLLM's ovis2_5.py hard-codes Qwen token ids (<|image_pad|> = 151655, indicators from
+# 151672), so the specials must sit at Qwen's ids: Qwen's 26 specials from 151643, then Ovis's.
+_QWEN_FIRST_SPECIAL_ID = 151643
+_QWEN_VOCAB_SIZE = 151936
+_QWEN_SPECIALS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
+    "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+    "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>",
+]
+_OVIS_SPECIALS = ["<image>", "<video>", "<ovis_visual_atom>", "<ovis_image_start>",
+                  "<ovis_image_end>", "<ovis_video_start>", "<ovis_video_end>"]
+_OVIS_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}"
+    "{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' or c['type'] == 'image_url' %}<image>\n"
+    "{% elif c['type'] == 'video' or c['type'] == 'video_url' %}<video>\n"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_OVIS_CONFIG_FILE = Path(__file__).parent / "ovis" / "configuration_ovis2_5.py"
+
+
+def _write_ovis2_5(out: Path, preset: SizePreset, dtype: str) -> Shapes:
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    tokenizer = build_tokenizer(
+        special_tokens=_QWEN_SPECIALS + _OVIS_SPECIALS, eos_token="<|im_end|>",
+        pad_token="<|endoftext|>", first_special_id=_QWEN_FIRST_SPECIAL_ID,
+        chat_template=_OVIS_CHAT_TEMPLATE,
+    )
+    for token, token_id in (("<|image_pad|>", 151655), ("<ovis_image_start>", 151672)):
+        if tokenizer.convert_tokens_to_ids(token) != token_id:
+            raise RuntimeError(f"{token} must have id {token_id} for vLLM's Ovis2.5")
+    tokenizer.save_pretrained(out)
+    # vLLM's own Ovis2_5Processor resizes images and then calls the image processor with an
+    # explicit {height, width}; it only needs to normalise.
+    SiglipImageProcessorPil(size={"height": 448, "width": 448}, image_mean=[0.5] * 3,
+                            image_std=[0.5] * 3).save_pretrained(out)
+    llm_config = {
+        "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"],
+        "vocab_size": _QWEN_VOCAB_SIZE, "hidden_size": preset.hidden_size,
+        "intermediate_size": preset.intermediate_size, "num_hidden_layers": preset.num_layers,
+        "num_attention_heads": preset.num_heads, "num_key_value_heads": preset.num_kv_heads,
+        "head_dim": preset.head_dim, "max_position_embeddings": 40960, "rope_theta": 1000000.0,
+        "tie_word_embeddings": True, "bos_token_id": 151643, "eos_token_id": 151645,
+        "dtype": dtype,
+    }
+    vit_config = {
+        "model_type": "siglip2_navit", "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_channels": 3, "num_patches": -1,
+        # 32 px patches, stride 2: a 448x448 image or frame becomes 7x7 = 49 tokens.
+        "image_size": 512, "patch_size": 32, "hidden_stride": 2, "window_size": 112,
+        "fullatt_block_indexes": None, "temporal_patch_size": 1, "preserve_original_pe": True,
+        "use_rope": True, "hidden_act": "gelu_pytorch_tanh",
+    }
+    config = {
+        "architectures": ["Ovis2_5"], "model_type": "ovis2_5",
+        "auto_map": {"AutoConfig": "configuration_ovis2_5.Ovis2_5_Config"},
+        # The visual head predicts visual_vocab_size - 4 classes plus 4 indicator tokens.
+        "hidden_size": preset.hidden_size, "visual_vocab_size": 516, "dtype": dtype,
+        "llm_config": llm_config, "vit_config": vit_config,
+    }
+    _write_json(out / "config.json", config)
+    _write_json(out / "generation_config.json", {"bos_token_id": 151643, "eos_token_id": 151645})
+    shutil.copyfile(_OVIS_CONFIG_FILE, out / _OVIS_CONFIG_FILE.name)
+    return _ovis2_5_shapes(llm_config, vit_config, config["visual_vocab_size"])
+
+
+def _ovis2_5_shapes(llm_config: dict[str, Any], vit_config: dict[str, Any],
+                    visual_vocab_size: int) -> Shapes:
+    """vLLM's Ovis2_5 tensors: a Qwen3 LM, a SigLIP-shaped ViT and the visual head/embedding.
+
+    There is no transformers class for Ovis2.5; its ViT has SigLIP's tensors (vLLM's
+    Siglip2Navit stacks q/k/v itself), so the shapes come from those two classes.
+    """
+    from transformers import Qwen3Config, Qwen3ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+    skip = {"model_type", "architectures", "hidden_stride", "window_size", "fullatt_block_indexes",
+            "temporal_patch_size", "preserve_original_pe", "use_rope", "num_patches"}
+    llm = Qwen3Config(**{k: v for k, v in llm_config.items() if k not in skip})
+    vit = SiglipVisionConfig(**{k: v for k, v in vit_config.items() if k not in skip},
+                             vision_use_head=False)
+    shapes = _meta_shapes(Qwen3ForCausalLM, llm, [("lm_head.", None), ("model.", "llm.model.")])
+    vit_prefix = "visual_tokenizer.vit.vision_model."
+    shapes |= _meta_shapes(SiglipVisionModel, vit, [("vision_model.", vit_prefix), ("", vit_prefix)])
+    head_size = visual_vocab_size - 4  # the last 4 visual tokens are the indicators
+    vit_out = vit_config["hidden_size"] * vit_config["hidden_stride"] ** 2
+    shapes["visual_tokenizer.head.0.weight"] = (head_size, vit_out)
+    shapes["visual_tokenizer.head.1.weight"] = (head_size,)
+    shapes["visual_tokenizer.head.1.bias"] = (head_size,)
+    shapes["vte.weight"] = (visual_vocab_size, llm_config["hidden_size"])
+    return shapes
+
+
+# Each writer writes config, tokenizer and processor files and returns the checkpoint's shapes.
+_WRITERS: dict[str, Callable[[Path, SizePreset, str], Shapes]] = {
+    "qwen2_audio": _write_qwen2_audio,
+    "idefics3": _write_idefics3,
+    "ovis2_5": _write_ovis2_5,
+}

@@ -1,0 +1,340 @@
+"""Start and stop a real ``redis-server`` (or ``valkey-server``) for tests and benchmarks.
+
+The server listens on a free loopback port (and optionally a unix socket), keeps nothing
+on disk, runs in a temporary directory and in its own session, so that stopping it
+signals the whole process group. Its config file (mode 0600) holds any password, which
+therefore never shows on a command line. ``start()`` after ``stop()`` or ``kill()``
+starts it again on the same port; data does not survive, by design.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import redis
+
+from kvshelf.testing.server import free_port
+
+BINARIES = ("redis-server", "valkey-server")
+LOG_TAIL_LINES = 20
+
+
+class RedisStartError(RuntimeError):
+    """The server exited or did not answer PING in time; the message ends with its log."""
+
+
+def find_server_binary() -> str | None:
+    """Path of ``redis-server``, else ``valkey-server``, else ``None``."""
+    for name in BINARIES:
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+class RedisServer:
+    """One throwaway server; a context manager. Not thread-safe.
+
+    ``cluster=True`` starts a one-node cluster that owns every slot (enough for
+    ``redis+cluster://`` URLs). ``unix_socket=True`` also listens on ``unix_path``.
+    ``tls=True`` serves TLS only, with a throwaway CA (needs the ``openssl`` command) and
+    requires a client certificate: see :attr:`tls_files`.
+    """
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        maxmemory: str | None = None,
+        maxmemory_policy: str | None = None,
+        requirepass: str | None = None,
+        unix_socket: bool = False,
+        cluster: bool = False,
+        tls: bool = False,
+        binary: str | None = None,
+        startup_timeout_s: float = 10.0,
+    ):
+        found = binary or find_server_binary()
+        if found is None:
+            raise FileNotFoundError("neither redis-server nor valkey-server is on PATH")
+        self.binary = found
+        self.host = "127.0.0.1"
+        self.port = port if port is not None else free_port(self.host)
+        self.maxmemory = maxmemory
+        self.maxmemory_policy = maxmemory_policy
+        self.requirepass = requirepass
+        self.cluster = cluster
+        # The cluster bus defaults to port + 10000, which may be taken or past 65535.
+        self.cluster_bus_port = free_port(self.host) if cluster else None
+        self.startup_timeout_s = startup_timeout_s
+        self.dir = Path(tempfile.mkdtemp(prefix="kvshelf-redis-"))
+        self.unix_path = self.dir / "redis.sock" if unix_socket else None
+        self.tls_files = _make_tls_files(self.dir) if tls else None
+        self._proc: subprocess.Popen[bytes] | None = None
+        atexit.register(self.close)
+
+    def __repr__(self) -> str:  # never the password
+        return f"RedisServer(url={self.url!r}, running={self.is_running()})"
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:PORT/0`` (no password even when one is required)."""
+        scheme = "rediss" if self.tls_files else "redis"
+        scheme += "+cluster" if self.cluster else ""
+        return f"{scheme}://{self.host}:{self.port}" + ("" if self.cluster else "/0")
+
+    @property
+    def unix_url(self) -> str:
+        if self.unix_path is None:
+            raise ValueError("started without unix_socket=True")
+        return f"unix://{self.unix_path}?db=0"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def client(self, **kwargs) -> redis.Redis:
+        """A plain redis-py client for poking at the server (timeouts: 10 s)."""
+        options = {"socket_timeout": 10.0, "password": self.requirepass, **kwargs}
+        if self.tls_files is not None:
+            files = self.tls_files
+            options.update(
+                ssl=True,
+                ssl_ca_certs=str(files["ca"]),
+                ssl_certfile=str(files["cert"]),
+                ssl_keyfile=str(files["key"]),
+            )
+        return redis.Redis(host=self.host, port=self.port, **options)
+
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> Self:
+        """Launch the server and wait until it answers PING (and, for a cluster, until
+        the cluster is ok). Raises :class:`RedisStartError` if it does not."""
+        if self.is_running():
+            raise RuntimeError("server already running; call stop() first")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        config = self.dir / "redis.conf"
+        config.touch(mode=0o600)
+        config.write_text(self._config())
+        with open(self.dir / "redis.log", "ab") as log:
+            self._proc = subprocess.Popen(
+                [self.binary, str(config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.dir,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,  # noqa: PLW1509 (one prctl call, bound before fork)
+            )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.kill()  # also on KeyboardInterrupt: never leave it half-started
+            raise
+        return self
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL after ``grace_s``. Idempotent."""
+        self._end(signal.SIGTERM, grace_s)
+
+    def kill(self) -> None:
+        """SIGKILL: the server vanishes as in a crash."""
+        self._end(signal.SIGKILL, 5.0)
+
+    def close(self) -> None:
+        """Stop the server and remove its directory."""
+        self.stop()
+        atexit.unregister(self.close)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def log_tail(self, num_lines: int = LOG_TAIL_LINES) -> str:
+        try:
+            text = (self.dir / "redis.log").read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(text.splitlines()[-num_lines:])
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- internals ---------------------------------------------------------------
+    def _config(self) -> str:
+        lines = [
+            f"port {0 if self.tls_files else self.port}",
+            f"bind {self.host}",
+            f"dir {self.dir}",
+            'save ""',
+            "appendonly no",
+            "daemonize no",
+            "enable-debug-command local",  # tests use DEBUG SLEEP for a slow server
+        ]
+        if self.tls_files is not None:
+            lines += [
+                f"tls-port {self.port}",
+                f"tls-cert-file {self.dir / 'server.crt'}",
+                f"tls-key-file {self.dir / 'server.key'}",
+                f"tls-ca-cert-file {self.tls_files['ca']}",
+                "tls-auth-clients yes",
+            ]
+        if self.unix_path is not None:
+            lines += [f"unixsocket {self.unix_path}", "unixsocketperm 700"]
+        if self.maxmemory is not None:
+            lines.append(f"maxmemory {self.maxmemory}")
+        if self.maxmemory_policy is not None:
+            lines.append(f"maxmemory-policy {self.maxmemory_policy}")
+        if self.requirepass is not None:
+            lines.append(f"requirepass {self.requirepass}")
+        if self.cluster:
+            lines += [
+                "cluster-enabled yes",
+                f"cluster-config-file {self.dir / 'nodes.conf'}",
+                f"cluster-port {self.cluster_bus_port}",
+            ]
+        return "\n".join(lines) + "\n"
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        probe = self.client(socket_timeout=1.0, socket_connect_timeout=1.0)
+        try:
+            while not self._answers(probe):
+                if self._proc is None or self._proc.poll() is not None:
+                    raise RedisStartError(self._failure("redis-server exited"))
+                if time.monotonic() > deadline:
+                    raise RedisStartError(self._failure("redis-server did not answer PING"))
+                time.sleep(0.02)
+            if self.cluster:
+                self._claim_all_slots(probe, deadline)
+        finally:
+            probe.close()
+
+    @staticmethod
+    def _answers(probe: redis.Redis) -> bool:
+        try:
+            return bool(probe.ping())
+        except (redis.ConnectionError, redis.TimeoutError):
+            return False
+        except redis.ResponseError as exc:  # e.g. LOADING
+            return "LOADING" not in str(exc)
+
+    def _claim_all_slots(self, probe: redis.Redis, deadline: float) -> None:
+        if int(probe.cluster("INFO")["cluster_slots_assigned"]) == 0:
+            probe.execute_command("CLUSTER ADDSLOTSRANGE", 0, 16383)
+        while probe.cluster("INFO")["cluster_state"] != "ok":
+            if time.monotonic() > deadline:
+                raise RedisStartError(self._failure("cluster state not ok"))
+            time.sleep(0.02)
+
+    def _failure(self, what: str) -> str:
+        return f"{what} (dir {self.dir}, last {LOG_TAIL_LINES} log lines):\n{self.log_tail()}"
+
+    def _end(self, sig: signal.Signals, grace_s: float) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        _signal_group(proc.pid, sig)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)  # start_new_session: the server leads its own group
+    except ProcessLookupError:
+        pass
+
+
+def _make_tls_files(directory: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, all for one day."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise FileNotFoundError("tls=True needs the openssl command")
+    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run = [
+        [
+            "req",
+            "-x509",
+            *key,
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=kvshelf test CA",
+        ],
+    ]
+    for name in ("server", "client"):
+        run += [
+            [
+                "req",
+                *key,
+                "-keyout",
+                f"{name}.key",
+                "-out",
+                f"{name}.csr",
+                "-subj",
+                f"/CN=kvshelf test {name}",
+            ],
+            [
+                "x509",
+                "-req",
+                "-in",
+                f"{name}.csr",
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                f"{name}.crt",
+                "-days",
+                "1",
+                "-extfile",
+                "san.ext",
+            ],
+        ]
+    for args in run:
+        subprocess.run([openssl, *args], cwd=directory, check=True, capture_output=True)
+    return {
+        "ca": directory / "ca.crt",
+        "cert": directory / "client.crt",
+        "key": directory / "client.key",
+    }
+
+
+# Looked up here, not in the forked child, which then only makes one libc call.
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: Linux SIGKILLs the server when the thread that
+    started it dies, so even a SIGKILLed test run leaves nothing behind."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)

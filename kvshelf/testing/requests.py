@@ -1,0 +1,108 @@
+"""OpenAI chat-completion request bodies for the project's five request types.
+
+Pure functions: they read media files and return plain dicts; nothing touches the network.
+Media go in as `data:` URLs by default. With `use_file_urls=True` they go in as `file://` URLs,
+which vLLM only accepts under a directory given with `--allowed-local-media-path`.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import random
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from kvshelf.testing.media import mime_type
+from kvshelf.testing.tokenizer import CORPUS_WORDS
+
+REQUEST_TYPES: tuple[str, ...] = ("text-only", "single-image", "multi-image", "video", "audio")
+
+# Media (names from kvshelf.testing.media.make_media) each request type sends by default.
+DEFAULT_MEDIA: dict[str, tuple[str, ...]] = {
+    "text-only": (),
+    "single-image": ("image_a",),
+    "multi-image": ("image_a", "image_b"),
+    "video": ("video_a",),
+    "audio": ("audio_a",),
+}
+
+# Content-part type per media kind, as the OpenAI/vLLM chat API names them.
+_PART_TYPES: dict[str, str] = {"image": "image_url", "audio": "audio_url", "video": "video_url"}
+
+
+def data_url(path: str | os.PathLike[str]) -> str:
+    """The file as a base64 `data:` URL with its MIME type."""
+    encoded = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return f"data:{mime_type(path)};base64,{encoded}"
+
+
+def file_url(path: str | os.PathLike[str]) -> str:
+    """An absolute `file://` URL (needs `--allowed-local-media-path` on the server)."""
+    return Path(path).resolve().as_uri()
+
+
+def media_part(path: str | os.PathLike[str], *, use_file_url: bool = False) -> dict[str, Any]:
+    """A content part (`image_url`, `audio_url` or `video_url`) chosen by the file's MIME type."""
+    part_type = _PART_TYPES[mime_type(path).split("/")[0]]
+    url = file_url(path) if use_file_url else data_url(path)
+    return {"type": part_type, part_type: {"url": url}}
+
+
+def input_audio_part(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A WAV file as an OpenAI `input_audio` part (raw base64, no URL)."""
+    if mime_type(path) != "audio/wav":
+        raise ValueError(f"input_audio parts here are WAV only, got {path}")
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return {"type": "input_audio", "input_audio": {"data": data, "format": "wav"}}
+
+
+def filler_text(num_tokens: int, seed: int = 0) -> str:
+    """About `num_tokens` tokens of text (exact for the test models' tokenizers).
+
+    The words are the tokenizers' training corpus, so each " word" is a single token.
+    """
+    rng = random.Random(seed)
+    return " ".join(rng.choice(CORPUS_WORDS) for _ in range(num_tokens))
+
+
+def build_content(
+    request_type: str,
+    media: Mapping[str, str | os.PathLike[str]],
+    *,
+    text: str = "Describe this.",
+    filler_tokens: int = 0,
+    filler_seed: int = 0,
+    media_names: Sequence[str] | None = None,
+    use_file_urls: bool = False,
+) -> list[dict[str, Any]]:
+    """The user message content: media parts first, then (filler and) the text.
+
+    `media` maps names to files (as `make_media` returns); `media_names` overrides the
+    request type's default media, e.g. ("image_c", "image_d") for another multi-image pair.
+    """
+    if request_type not in DEFAULT_MEDIA:
+        raise ValueError(f"unknown request type {request_type!r}; choose one of {REQUEST_TYPES}")
+    names = DEFAULT_MEDIA[request_type] if media_names is None else tuple(media_names)
+    missing = [name for name in names if name not in media]
+    if missing:
+        raise KeyError(f"media {missing} not given; have {sorted(media)}")
+    parts = [media_part(media[name], use_file_url=use_file_urls) for name in names]
+    if filler_tokens > 0:
+        text = f"{filler_text(filler_tokens, filler_seed)}\n{text}"
+    parts.append({"type": "text", "text": text})
+    return parts
+
+
+def build_messages(request_type: str, media: Mapping[str, str | os.PathLike[str]],
+                   **content_kwargs: Any) -> list[dict[str, Any]]:
+    """A one-turn conversation: a single user message built by `build_content`."""
+    return [{"role": "user", "content": build_content(request_type, media, **content_kwargs)}]
+
+
+def chat_request(model: str, messages: list[dict[str, Any]], *, max_tokens: int = 4,
+                 temperature: float = 0.0, **extra: Any) -> dict[str, Any]:
+    """A `/v1/chat/completions` body; `extra` adds fields such as `cache_salt` or `seed`."""
+    return {"model": model, "messages": messages, "max_tokens": max_tokens,
+            "temperature": temperature, **extra}

@@ -1,0 +1,1 @@
+"""The only package that imports vLLM: the KVShelfConnector and its plugin hook."""

@@ -1,0 +1,107 @@
+"""KVShelfConnector: vLLM's KV connector interface, delegating to kvshelf.
+
+Each hook checks its role and delegates to the scheduler side
+(:mod:`kvshelf.vllm.scheduler`) or the worker side (:mod:`kvshelf.vllm.worker`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from kvshelf.config import load_config
+from kvshelf.vllm.logs import configure_logging
+from kvshelf.vllm.scheduler import KVShelfMetadata, SchedulerSide
+from kvshelf.vllm.worker import WorkerSide
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+
+class KVShelfConnector(KVConnectorBase_V1):
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        role: KVConnectorRole,
+        kv_cache_config: KVCacheConfig | None = None,
+    ):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        configure_logging()
+        config = load_config(self._kv_transfer_config.kv_connector_extra_config)
+        self._scheduler: SchedulerSide | None = None
+        self._worker: WorkerSide | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            self._scheduler = SchedulerSide(vllm_config, config, self._kv_transfer_config.kv_role)
+        else:
+            num_blocks = getattr(kv_cache_config, "num_blocks", None)
+            self._worker = WorkerSide(vllm_config, config, num_blocks)
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # a best-effort cache: a dropped save is only a future miss
+
+    # -- worker side -------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self._worker_side().register_kv_caches(kv_caches)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        self._worker_side().start_load_kv(self._metadata(), forward_context)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        self._worker_side().wait_for_layer_load(layer_name)
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs):
+        if self.has_connector_metadata():
+            self._worker_side().save_kv_layer(self._metadata(), layer_name)
+
+    def wait_for_save(self) -> None:
+        self._worker_side().wait_for_save(self._metadata())
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker_side().take_load_errors()
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown()
+
+    # -- scheduler side ----------------------------------------------------------
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        return self._scheduler_side().get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        self._scheduler_side().update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        return self._scheduler_side().build_connector_meta(scheduler_output)
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, Any]:
+        return self._scheduler_side().request_finished(request, block_ids)
+
+    # -- role checks -------------------------------------------------------------
+    def _worker_side(self) -> WorkerSide:
+        assert self._worker is not None, "worker hook called on the scheduler connector"
+        return self._worker
+
+    def _scheduler_side(self) -> SchedulerSide:
+        assert self._scheduler is not None, "scheduler hook called on the worker connector"
+        return self._scheduler
+
+    def _metadata(self) -> KVShelfMetadata:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KVShelfMetadata)
+        return meta

@@ -1,0 +1,195 @@
+"""The paged KV cache as vLLM hands it over, and block-granular copies out of / into it.
+
+Nothing here hard-codes an attention backend's layout. Each layer's cache is one tensor
+with a *block dimension* (the one whose size is the number of cache blocks). We look at
+its strides to find the physical order of its dimensions: those laid out inside a block
+form one dense run of elements, a *row*; those outside it (e.g. a K/V split stored as
+two halves of the cache) stay separate. The raw view ``[*outer, blocks, row]`` lets us
+copy blocks as opaque bytes, in the backend's own physical layout, with one copy per
+run of consecutive block ids. An entry's payload is ``[layers, *outer, blocks, row]``.
+
+The layout signature (backend, dtype, raw shape, block size, layers) goes into the cache
+namespace, so bytes written under one layout are never read under another. Only torch is
+imported here: this module is testable without vLLM.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+MAX_RUNS = 16  # more runs of consecutive block ids than this: one gather/scatter op instead
+
+
+class LayoutError(ValueError):
+    """The KV cache tensors do not have a layout kvshelf can copy blocks of."""
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    layer_names: tuple[str, ...]  # one per distinct cache tensor, in model order
+    outer: tuple[int, ...]  # sizes of the dimensions physically outside the block dimension
+    row_elems: int  # elements of one block in one outer slice (a dense run in memory)
+    block_size: int  # tokens per block
+    dtype: str  # torch dtype name, e.g. "bfloat16"
+    backend: str  # attention backend name
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_names)
+
+    @property
+    def block_axis(self) -> int:
+        """The block axis of a raw view (and, plus one, of a payload)."""
+        return len(self.outer)
+
+    def signature(self) -> str:
+        return (
+            f"{self.backend}/{self.dtype}/layers={self.num_layers}/outer={list(self.outer)}"
+            f"/row={self.row_elems}/block_size={self.block_size}"
+        )
+
+    def num_blocks_for(self, num_tokens: int) -> int:
+        return math.ceil(num_tokens / self.block_size)
+
+    def payload_shape(self, num_tokens: int) -> tuple[int, ...]:
+        return (self.num_layers, *self.outer, self.num_blocks_for(num_tokens), self.row_elems)
+
+
+def discover_layout(
+    kv_caches: Mapping[str, torch.Tensor], num_blocks: int, block_size: int, backend: str
+) -> tuple[KVLayout, list[torch.Tensor]]:
+    """The layout and one raw view ``[*outer, blocks, row]`` per distinct cache tensor
+    (layers sharing one tensor are kept once)."""
+    names, tensors, seen = [], [], set()
+    for name, tensor in kv_caches.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise LayoutError(f"KV cache of {name} is a {type(tensor).__name__}, not a tensor")
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        names.append(name)
+        tensors.append(tensor)
+    if not tensors:
+        raise LayoutError("no KV cache tensors were registered")
+    block_dim = _block_dim(tensors[0], num_blocks)
+    raws = [raw_view(t, block_dim) for t in tensors]
+    first = raws[0]
+    for name, raw, tensor in zip(names, raws, tensors):
+        if raw.shape != first.shape or tensor.dtype != tensors[0].dtype:
+            raise LayoutError(
+                f"layer {name} has {tuple(tensor.shape)} {tensor.dtype}, layer {names[0]} has "
+                f"{tuple(tensors[0].shape)} {tensors[0].dtype}: hybrid caches are not supported"
+            )
+    dtype = str(tensors[0].dtype).removeprefix("torch.")
+    outer = tuple(first.shape[:-2])
+    layout = KVLayout(tuple(names), outer, first.shape[-1], block_size, dtype, backend)
+    return layout, raws
+
+
+def _block_dim(tensor: torch.Tensor, num_blocks: int) -> int:
+    candidates = [d for d, size in enumerate(tensor.shape) if size == num_blocks]
+    if len(candidates) != 1:
+        raise LayoutError(
+            f"cannot tell the block dimension of KV cache shape {tuple(tensor.shape)} "
+            f"with {num_blocks} blocks (candidates: {candidates})"
+        )
+    return candidates[0]
+
+
+def raw_view(tensor: torch.Tensor, block_dim: int) -> torch.Tensor:
+    """``[*outer, blocks, row]`` over the same memory: dimensions in physical order, those
+    inside a block merged into one dense row."""
+    dims = [d for d in range(tensor.dim()) if tensor.size(d) > 1 or d == block_dim]
+    order = sorted(dims, key=lambda d: -tensor.stride(d))  # outermost first
+    at = order.index(block_dim)
+    outer, inner = order[:at], order[at + 1 :]
+    row = 1
+    for d in reversed(inner):
+        if tensor.stride(d) != row:
+            raise LayoutError(
+                f"KV cache with shape {tuple(tensor.shape)} and strides {tuple(tensor.stride())}"
+                " has gaps inside a block; kvshelf copies dense blocks only"
+            )
+        row *= tensor.size(d)
+    if tensor.stride(block_dim) < row:
+        raise LayoutError(f"blocks overlap in KV cache with strides {tuple(tensor.stride())}")
+    shape = [tensor.size(d) for d in outer] + [tensor.size(block_dim), row]
+    strides = [tensor.stride(d) for d in outer] + [tensor.stride(block_dim), 1]
+    return tensor.as_strided(shape, strides, tensor.storage_offset())
+
+
+def block_runs(block_ids: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Runs of consecutive ids as ``(offset in block_ids, first id, length)``."""
+    runs: list[tuple[int, int, int]] = []
+    for i, block in enumerate(block_ids):
+        if runs and runs[-1][1] + runs[-1][2] == block:
+            offset, first, length = runs[-1]
+            runs[-1] = (offset, first, length + 1)
+        else:
+            runs.append((i, block, 1))
+    return runs
+
+
+class BlockCopier:
+    """Copies whole blocks between raw cache views and entry payloads.
+
+    Payload tensors have :meth:`KVLayout.payload_shape` and live in host memory. With
+    ``non_blocking`` the copies are only enqueued on the current CUDA stream; the caller
+    synchronises.
+    """
+
+    def __init__(self, layout: KVLayout, raws: Sequence[torch.Tensor]):
+        self.layout = layout
+        self.raws = list(raws)
+        self.device = self.raws[0].device
+        self.torch_dtype = self.raws[0].dtype
+
+    def payload_view(self, buffer, num_tokens: int) -> torch.Tensor:
+        """A tensor over an entry's payload buffer (no copy)."""
+        flat = torch.frombuffer(buffer, dtype=torch.uint8) if not torch.is_tensor(buffer) else buffer
+        return flat.view(self.torch_dtype).view(self.layout.payload_shape(num_tokens))
+
+    def gather(
+        self, block_ids: Sequence[int], out: torch.Tensor, layers: Sequence[int] | None = None,
+        non_blocking: bool = False,
+    ) -> None:
+        """Copy ``block_ids`` of the given layers (default all) into payload ``out``."""
+        axis = self.layout.block_axis
+        runs = block_runs(block_ids)
+        index = None if len(runs) <= MAX_RUNS else self._index(block_ids)
+        for layer in range(self.layout.num_layers) if layers is None else layers:
+            raw, dst = self.raws[layer], out[layer]
+            if index is not None:
+                dst.copy_(raw.index_select(axis, index), non_blocking=non_blocking)
+                continue
+            for offset, first, length in runs:
+                dst.narrow(axis, offset, length).copy_(
+                    raw.narrow(axis, first, length), non_blocking=non_blocking
+                )
+
+    def scatter(
+        self, payload: torch.Tensor, first_block: int, block_ids: Sequence[int],
+        layers: Sequence[int] | None = None, non_blocking: bool = False,
+    ) -> None:
+        """Write payload blocks ``first_block, first_block + 1, ...`` into ``block_ids``."""
+        axis = self.layout.block_axis
+        runs = block_runs(block_ids)
+        index = None if len(runs) <= MAX_RUNS else self._index(block_ids)
+        for layer in range(self.layout.num_layers) if layers is None else layers:
+            raw = self.raws[layer]
+            src = payload[layer].narrow(axis, first_block, len(block_ids))
+            if index is not None:
+                staged = src.to(self.device, non_blocking=non_blocking)
+                raw.index_copy_(axis, index, staged)
+                continue
+            for offset, first, length in runs:
+                raw.narrow(axis, first, length).copy_(
+                    src.narrow(axis, offset, length), non_blocking=non_blocking
+                )
+
+    def _index(self, block_ids: Sequence[int]) -> torch.Tensor:
+        return torch.tensor(block_ids, dtype=torch.long, device=self.device)

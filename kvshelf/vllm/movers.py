@@ -1,0 +1,149 @@
+"""How one step's KV moves between the paged cache and host entries.
+
+:class:`SyncMover` copies synchronously: all loads before the forward, all saves after
+it. It is right on any device and is what the CPU backend uses.
+
+:class:`CudaMover` overlaps copies with compute on a GPU: loads run on their own stream
+layer by layer, and the forward waits for layer ``i`` only right before layer ``i``
+attends; saves start on another stream as each layer finishes and the step waits only
+for the last ones. Copies are whole runs of consecutive blocks, straight between pinned
+host memory and the cache.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kvshelf.vllm.layout import BlockCopier
+
+logger = logging.getLogger("kvshelf.worker")
+
+
+@dataclass
+class LoadItem:
+    payload: torch.Tensor  # an entry's payload view, [layers, *outer, blocks, row]
+    first_block: int  # first payload block to write
+    block_ids: list[int]  # destination cache blocks
+
+
+@dataclass
+class SaveItem:
+    payload: torch.Tensor  # to fill
+    block_ids: list[int]  # source cache blocks
+
+
+class SyncMover:
+    """Synchronous copies; layer hooks do nothing."""
+
+    def __init__(self, copier: BlockCopier):
+        self.copier = copier
+        self._saves: list[SaveItem] = []
+
+    def load(self, items: Sequence[LoadItem], forward_context: object = None) -> None:
+        for item in items:
+            self.copier.scatter(item.payload, item.first_block, item.block_ids)
+
+    def wait_layer(self, layer: int) -> None:
+        return
+
+    def finish_loads(self) -> None:
+        return
+
+    def begin_saves(self, items: Sequence[SaveItem]) -> None:
+        self._saves = list(items)
+
+    def save_layer(self, layer: int) -> None:
+        return
+
+    def finish_saves(self) -> None:
+        for item in self._saves:
+            self.copier.gather(item.block_ids, item.payload)
+        self._saves = []
+
+
+class CudaMover:
+    """Stream-ordered copies that overlap the forward pass."""
+
+    def __init__(self, copier: BlockCopier):
+        self.copier = copier
+        self.num_layers = copier.layout.num_layers
+        self.load_stream = torch.cuda.Stream(device=copier.device)
+        self.save_stream = torch.cuda.Stream(device=copier.device)
+        self._layer_loaded: list[torch.cuda.Event | None] = [None] * self.num_layers
+        self._saves: list[SaveItem] = []
+        self._saved = [False] * self.num_layers
+
+    # -- loads -------------------------------------------------------------------
+    def load(self, items: Sequence[LoadItem], forward_context: object = None) -> None:
+        if not items:
+            return
+        compute = torch.cuda.current_stream(self.copier.device)
+        self.load_stream.wait_stream(compute)  # after the step's block zeroing
+        with torch.cuda.stream(self.load_stream):
+            for layer in range(self.num_layers):
+                for item in items:
+                    self.copier.scatter(
+                        item.payload, item.first_block, item.block_ids, [layer], non_blocking=True
+                    )
+                event = torch.cuda.Event()
+                event.record(self.load_stream)
+                self._layer_loaded[layer] = event
+        if not _runs_layer_hooks(forward_context):
+            # A full CUDA graph replays the whole forward without calling
+            # wait_for_layer_load: wait for every layer up front.
+            compute.wait_stream(self.load_stream)
+            self._layer_loaded = [None] * self.num_layers
+
+    def wait_layer(self, layer: int) -> None:
+        event = self._layer_loaded[layer]
+        if event is not None:
+            torch.cuda.current_stream(self.copier.device).wait_event(event)
+            self._layer_loaded[layer] = None
+
+    def finish_loads(self) -> None:
+        """Block until every enqueued load copy is done (their sources may then go)."""
+        self.load_stream.synchronize()
+
+    # -- saves -------------------------------------------------------------------
+    def begin_saves(self, items: Sequence[SaveItem]) -> None:
+        self._saves = list(items)
+        self._saved = [False] * self.num_layers
+
+    def save_layer(self, layer: int) -> None:
+        if not self._saves or self._saved[layer]:
+            return
+        self._saved[layer] = True
+        self.save_stream.wait_stream(torch.cuda.current_stream(self.copier.device))
+        with torch.cuda.stream(self.save_stream):
+            for item in self._saves:
+                self.copier.gather(item.block_ids, item.payload, [layer], non_blocking=True)
+
+    def finish_saves(self) -> None:
+        """Copy layers the hooks did not reach, then wait for every device->host copy."""
+        # Loads not waited for by a layer (a layer skipped, or an aborted step) must
+        # still finish before the blocks they write are reused.
+        compute = torch.cuda.current_stream(self.copier.device)
+        if any(event is not None for event in self._layer_loaded):
+            compute.wait_stream(self.load_stream)
+            self._layer_loaded = [None] * self.num_layers
+        if self._saves:
+            for layer in range(self.num_layers):
+                self.save_layer(layer)
+            self.save_stream.synchronize()
+        self._saves = []
+
+
+def _runs_layer_hooks(forward_context: object) -> bool:
+    """False when this step replays a full CUDA graph (no per-layer hooks run)."""
+    mode = getattr(forward_context, "cudagraph_runtime_mode", None)
+    return mode is None or getattr(mode, "name", "") != "FULL"
+
+
+def make_mover(copier: BlockCopier) -> SyncMover | CudaMover:
+    if copier.device.type == "cuda":
+        return CudaMover(copier)
+    return SyncMover(copier)

