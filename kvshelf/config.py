@@ -13,7 +13,7 @@ import difflib
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -84,6 +84,7 @@ class KVShelfConfig(BaseModel):
     )
     hold_timeout_s: float = Field(120.0, gt=0, description="release prefetched hits after this")
     log_requests: bool = Field(True, description="one INFO line per request with hit tokens")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("disk_path", mode="before")
     @classmethod

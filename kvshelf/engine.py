@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvshelf.codec import Entry, payload_bytes
 from kvshelf.config import KVShelfConfig
@@ -43,6 +43,7 @@ class _Hold:
     entries: list[tuple[Chunk, Entry]]
     pinned: list[StoreKey]
     deadline: float
+    origins: dict[bytes, str] = field(default_factory=dict)  # chunk key -> tier read from
 
 
 class CacheEngine:
@@ -113,7 +114,8 @@ class CacheEngine:
         """Read and verify ``chunks`` in order, stopping at the first that fails, and
         pin what was read under ``owner`` (adding to an existing hold). Returns the
         verified prefix."""
-        entries = self.store.get([self.key(c) for c in chunks], pin=True)
+        origins: list[str] = []
+        entries = self.store.get([self.key(c) for c in chunks], pin=True, origins=origins)
         good: list[tuple[Chunk, Entry]] = []
         for chunk, entry in zip(chunks, entries):
             if entry is None or not self._verified(entry, chunk):
@@ -124,6 +126,7 @@ class CacheEngine:
             hold = self._holds.setdefault(owner, _Hold([], [], 0.0))
             hold.entries.extend(good)
             hold.pinned.extend(self.key(c) for c, e in good if self._resident(e))
+            hold.origins.update((c.key, tier) for (c, _), tier in zip(good, origins))
             hold.deadline = time.monotonic() + self.config.hold_timeout_s
         return [c for c, _ in good]
 
@@ -147,6 +150,12 @@ class CacheEngine:
         with self._lock:
             hold = self._holds.get(owner)
             return list(hold.entries) if hold else []
+
+    def origins(self, owner: str) -> dict[bytes, str]:
+        """Chunk key -> the tier each chunk held for ``owner`` was read from."""
+        with self._lock:
+            hold = self._holds.get(owner)
+            return dict(hold.origins) if hold else {}
 
     def release(self, owner: str) -> None:
         with self._lock:
@@ -209,7 +218,7 @@ class CacheEngine:
             with self._lock:
                 self.counters.verify_failures += 1
             logger.warning(
-                "kvshelf: entry %s does not match the chunk it is filed under; removed",
+                "entry %s does not match the chunk it is filed under; removed",
                 entry.key.hex(),
             )
             self.store.delete([entry.key])
@@ -229,7 +238,7 @@ class CacheEngine:
             stale = [owner for owner, hold in self._holds.items() if hold.deadline < now]
         for owner in stale:
             logger.warning(
-                "kvshelf: releasing hold of %s after %.0f s", owner, self.config.hold_timeout_s
+                "releasing hold of %s after %.0f s", owner, self.config.hold_timeout_s
             )
             self.release(owner)
 

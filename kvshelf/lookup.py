@@ -194,7 +194,7 @@ class LookupClient:
             self._sock = None
         if not self._warned:
             self._warned = True
-            logger.warning("kvshelf: lookup at %s failed (%s); counting misses", self.address, exc)
+            logger.warning("lookup at %s failed (%s); counting misses", self.address, exc)
 
     def close(self) -> None:
         with self._lock:

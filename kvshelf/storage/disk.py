@@ -305,15 +305,15 @@ class DiskStore(Store):
     # -- failures ----------------------------------------------------------------
     def _corrupt(self, key: StoreKey, path: Path, exc: CorruptEntry) -> None:
         self._counters.add(corrupt=1)
-        logger.warning("kvshelf disk tier: removing corrupt entry %s: %s", path, exc)
+        logger.warning("disk tier: removing corrupt entry %s: %s", path, exc)
         self._unlink(key)
 
     def _io_error(self, exc: OSError, what: str, path: Path) -> None:
         self._counters.add(errors=1)
         if exc.errno == errno.ENOSPC:
-            self._warn_once(exc, "kvshelf disk tier: disk full writing %s; saves dropped", path)
+            self._warn_once(exc, "disk tier: disk full writing %s; saves dropped", path)
         else:
-            self._warn_once(exc, "kvshelf disk tier: %s %s failed: %s", what, path, exc)
+            self._warn_once(exc, "disk tier: %s %s failed: %s", what, path, exc)
 
     def _warn_once(self, exc: OSError, message: str, *args) -> None:
         if exc.errno not in self._warned:

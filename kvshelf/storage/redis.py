@@ -178,7 +178,7 @@ class _Link:
             self._retry_at = now + self._wait_s
         if went_down:
             logger.warning(
-                "kvshelf remote tier: %s unreachable (%s); lookups miss and saves are "
+                "remote tier: %s unreachable (%s); lookups miss and saves are "
                 "dropped until it is back",
                 self.url,
                 cause,
@@ -189,7 +189,7 @@ class _Link:
             if self._down_since is None:
                 return
             down_s, self._down_since = time.monotonic() - self._down_since, None
-        logger.info("kvshelf remote tier: %s is back after %.1f s", self.url, down_s)
+        logger.info("remote tier: %s is back after %.1f s", self.url, down_s)
 
 
 @dataclass(slots=True)
@@ -408,7 +408,7 @@ class RedisStore(Store):
             recovered = bool(stored) and self._refusing
             self._refusing = self._refusing and not stored
         if recovered:
-            logger.info("kvshelf remote tier: %s accepts writes again", self.url)
+            logger.info("remote tier: %s accepts writes again", self.url)
         self._counters.add(writes=stored, write_skips=skipped, write_failures=failed)
         return stored + skipped
 
@@ -493,7 +493,7 @@ class RedisStore(Store):
             self._warned.add(what)
         if first:
             logger.warning(
-                "kvshelf remote tier: %s rejected a %s: %s", self.url, what, self._scrub(result)
+                "remote tier: %s rejected a %s: %s", self.url, what, self._scrub(result)
             )
         return None
 
@@ -508,7 +508,7 @@ class RedisStore(Store):
             first, self._refusing = not self._refusing, True
         if first:
             logger.warning(
-                "kvshelf remote tier: %s refuses writes (%s); saves are dropped until it "
+                "remote tier: %s refuses writes (%s); saves are dropped until it "
                 "accepts them",
                 self.url,
                 self._scrub(exc),
@@ -517,7 +517,7 @@ class RedisStore(Store):
     def _corrupt(self, key: StoreKey, exc: CorruptEntry) -> None:
         self._counters.add(corrupt=1)
         logger.warning(
-            "kvshelf remote tier: removing corrupt entry %s: %s", head_key(key).decode(), exc
+            "remote tier: removing corrupt entry %s: %s", head_key(key).decode(), exc
         )
 
     def _scrub(self, exc: Exception) -> str:

@@ -69,14 +69,19 @@ class TieredStore:
                     where[i] = t
         return where
 
-    def get(self, keys: Sequence[StoreKey], pin: bool = False) -> list[Entry | None]:
+    def get(
+        self, keys: Sequence[StoreKey], pin: bool = False, origins: list[str] | None = None
+    ) -> list[Entry | None]:
         """Entries from the fastest tier holding them, promoted into memory.
 
         With ``pin``, every returned entry that is resident in memory is pinned; the
-        caller unpins it (``memory.unpin``) when done.
+        caller unpins it (``memory.unpin``) when done. ``origins``, if given, receives
+        the name of the tier each entry came from ("" for a miss).
         """
+        found = [""] * len(keys)
         if self.memory is not None:
             out = self.memory.pin(keys) if pin else self.memory.get(keys)
+            found = [self.memory.name if e is not None else "" for e in out]
         else:
             out = [None] * len(keys)
         for tier in self.lower:
@@ -86,6 +91,9 @@ class TieredStore:
             for i, entry in zip(todo, tier.get([keys[i] for i in todo])):
                 if entry is not None:
                     out[i] = self._promote(entry, pin)
+                    found[i] = tier.name
+        if origins is not None:
+            origins.extend(found)
         return out
 
     def _promote(self, entry: Entry, pin: bool) -> Entry:
@@ -130,7 +138,7 @@ class TieredStore:
                 try:
                     tier.put(entries)
                 except Exception:  # a tier bug must not kill the saver thread
-                    logger.exception("kvshelf: %s tier failed to store entries", tier.name)
+                    logger.exception("%s tier failed to store entries", tier.name)
                     with self._lock:
                         self._queue_stats.failed_saves += len(entries)
             self._unpin(job)

@@ -8,6 +8,7 @@ from kvshelf.testing.models import (
     SIZES,
     SizePreset,
     build_model,
+    read_build_info,
     serve_args,
 )
 from kvshelf.testing.requests import (
@@ -47,5 +48,6 @@ __all__ = [
     "make_media",
     "media_part",
     "mime_type",
+    "read_build_info",
     "serve_args",
 ]

@@ -22,16 +22,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     build.add_argument("--size", default="m", choices=sorted(SIZES))
     build.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
     build.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+    build.add_argument("--dummy-weights", action="store_true",
+                       help="config-only dirs served with --load-format dummy (outputs ignore "
+                            "the prompt; fine for timing, useless for output comparisons)")
     args = parser.parse_args(argv)
 
     media = make_media(args.out / "media")
     print(f"media: {args.out / 'media'} ({', '.join(sorted(media))})")
     for family in args.families:
         began = time.monotonic()
-        model_dir = build_model(family, args.out / "models" / f"{family}-{args.size}", args.size,
-                                dtype=args.dtype)
+        suffix = "-dummy" if args.dummy_weights else ""
+        model_dir = build_model(family, args.out / "models" / f"{family}-{args.size}{suffix}",
+                                args.size, dtype=args.dtype, dummy_weights=args.dummy_weights)
         print(f"{family}: {model_dir} ({time.monotonic() - began:.1f} s)")
-        print(f"  serve: {shlex.join([sys.executable, '-m', 'vllm.entrypoints.openai.api_server', '--model', str(model_dir), *serve_args(family)])}")
+        command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+                   "--model", str(model_dir),
+                   *serve_args(family, dummy_weights=args.dummy_weights)]
+        print(f"  serve: {shlex.join(command)}")
     return 0
 
 

@@ -29,7 +29,7 @@ MARKER_NAME = "kvshelf_build.json"
 # Bump when the files a builder writes change, so old directories get rebuilt.
 BUILD_FORMAT_VERSION = 3
 
-DTYPES: tuple[str, ...] = ("bfloat16", "float32", "float16")
+DTYPES: tuple[str, ...] = ("bfloat16", "float32")  # both verified on the CPU backend
 
 
 @dataclass(frozen=True)
@@ -71,9 +71,10 @@ FAMILY_REQUEST_TYPES: dict[str, tuple[str, ...]] = {
     "ovis2_5": ("text-only", "single-image", "multi-image", "video"),
 }
 
-# Ovis2.5 profiles with a 1792x1792 dummy image (3,136 tokens) and as many video frames as fit;
-# capping the dummy sizes and the sampled frames keeps profiling inside a 4K context and makes
-# the test clip cost a few hundred tokens.
+# Ovis2.5 profiles with 1792x1792 dummy images (3,136 tokens each) and as many video frames as
+# fit; smaller dummy items keep profiling inside a 4K context. Capping the frames sampled from a
+# real video (media-io num_frames) makes the 16-frame test clip cost 394 tokens. A request may
+# carry at most 4 images and 1 video.
 _OVIS_LIMIT_MM = {
     "image": {"count": 4, "width": 448, "height": 448},
     "video": {"count": 1, "num_frames": 8, "width": 448, "height": 448},
@@ -229,13 +230,17 @@ def _meta_shapes(model_class: Any, config: Any, renames: Renames = ()) -> Shapes
         model = model_class(config)
     shapes: Shapes = {}
     for name, tensor in model.state_dict().items():
-        for old, new in renames:
-            if name.startswith(old):
-                name = None if new is None else new + name[len(old):]
-                break
-        if name is not None:
-            shapes[name] = tuple(tensor.shape)
+        new_name = _rename(name, renames)
+        if new_name is not None:
+            shapes[new_name] = tuple(tensor.shape)
     return shapes
+
+
+def _rename(name: str, renames: Renames) -> str | None:
+    for old, new in renames:
+        if name.startswith(old):
+            return None if new is None else new + name[len(old):]
+    return name
 
 
 def _write_random_checkpoint(path: Path, shapes: Shapes) -> None:
@@ -365,6 +370,8 @@ def _write_idefics3(out: Path, preset: SizePreset, dtype: str) -> Shapes:
                             image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                             pad_token_id=tokenizer.pad_token_id, dtype=dtype)
     config.architectures = ["Idefics3ForConditionalGeneration"]  # see _write_qwen2_audio
+    # save_pretrained warns "pad_token_id ... got 128002": that is transformers' default
+    # Idefics3Config, built to diff against; this config's ids are valid.
     config.save_pretrained(out)
     processor.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -80,7 +81,7 @@ class VllmServer:
         self.args = list(args)
         self.env = dict(env or {})
         self.log_path = Path(log_path) if log_path is not None else Path(
-            f"vllm-server-{self.port}.log")
+            tempfile.gettempdir(), f"kvshelf-vllm-server-{self.port}.log")
         self.startup_timeout_s = startup_timeout_s
         self.stop_grace_s = stop_grace_s
         self.python = python

@@ -6,6 +6,7 @@ Each hook checks its role and delegates to the scheduler side
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -17,8 +18,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from kvshelf.config import load_config
 from kvshelf.vllm.logs import configure_logging
+from kvshelf.vllm.metrics import KVShelfPromMetrics, KVShelfStats
 from kvshelf.vllm.scheduler import KVShelfMetadata, SchedulerSide
 from kvshelf.vllm.worker import WorkerSide
+
+logger = logging.getLogger("kvshelf.connector")
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -37,10 +41,11 @@ class KVShelfConnector(KVConnectorBase_V1):
         kv_cache_config: KVCacheConfig | None = None,
     ):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
-        configure_logging()
         config = load_config(self._kv_transfer_config.kv_connector_extra_config)
+        configure_logging(config.log_level)
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
+        self._stats_broken = False
         if role == KVConnectorRole.SCHEDULER:
             self._scheduler = SchedulerSide(vllm_config, config, self._kv_transfer_config.kv_role)
         else:
@@ -91,6 +96,29 @@ class KVShelfConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, Any]:
         return self._scheduler_side().request_finished(request, block_ids)
+
+    # -- metrics (both sides) ----------------------------------------------------
+    def get_kv_connector_stats(self) -> KVShelfStats | None:
+        if self._stats_broken:
+            return None
+        side = self._worker if self._worker is not None else self._scheduler
+        try:
+            data = side.stats()
+        except (TypeError, ValueError, KeyError, AttributeError):  # must not stop serving
+            logger.exception("kvshelf metrics failed; reporting none from now on")
+            self._stats_broken = True
+            return None
+        return KVShelfStats(data=data) if data else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVShelfStats:
+        return KVShelfStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(
+        cls, vllm_config, metric_types, labelnames, per_engine_labelvalues
+    ) -> KVShelfPromMetrics:
+        return KVShelfPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     # -- role checks -------------------------------------------------------------
     def _worker_side(self) -> WorkerSide:

@@ -11,7 +11,7 @@ import sys
 FORMAT = "[%(asctime)s] kvshelf %(levelname)s: %(message)s (%(filename)s:%(lineno)d)"
 
 
-def configure_logging(level: int = logging.INFO) -> None:
+def configure_logging(level: int | str = logging.INFO) -> None:
     """Idempotent: give the ``kvshelf`` logger one stdout handler."""
     root = logging.getLogger("kvshelf")
     root.setLevel(level)

@@ -68,7 +68,7 @@ class PinnedMemory(HostMemory):
             try:
                 segment = torch.empty(self.segment_bytes, dtype=torch.uint8, pin_memory=True)
             except RuntimeError as exc:
-                logger.warning("kvshelf: stopped pinning host memory: %s", exc)
+                logger.warning("stopped pinning host memory: %s", exc)
                 return
             slots = list(segment.split(self.slot_bytes))
             with self._lock:

@@ -58,6 +58,7 @@ class KVShelfMetadata(KVConnectorMetadata):
 class _Request:
     plan: ChunkPlan | None  # None: not cacheable (no token ids, or media without hashes)
     num_prompt_tokens: int
+    media: list[tuple[str, int, int]] = field(default_factory=list)  # modality, offset, length
     hit_tokens: int = 0
     done: set[ChunkKey] = field(default_factory=set)  # cached or already saved
     block_ids: list[int] = field(default_factory=list)
@@ -87,6 +88,10 @@ class SchedulerSide:
         self._requests: dict[str, _Request] = {}
         self._released: list[str] = []
         self._warned: set[str] = set()
+        self._media_ids_are_hashes = _media_ids_are_hashes(vllm_config)
+        self._counts = dict.fromkeys(
+            ("kvshelf_lookups_total", "kvshelf_lookup_tokens_total", "kvshelf_hit_tokens_total"), 0
+        )
 
     # -- vLLM hooks --------------------------------------------------------------
     def get_num_new_matched_tokens(
@@ -146,18 +151,28 @@ class SchedulerSide:
     def _state(self, request: Request) -> _Request:
         state = self._requests.get(request.request_id)
         if state is None:
-            state = _Request(self._plan(request), request.num_prompt_tokens)
+            media = [
+                (f.modality, f.mm_position.offset, f.mm_position.length)
+                for f in request.mm_features or ()
+            ]
+            state = _Request(self._plan(request), request.num_prompt_tokens, media)
             self._requests[request.request_id] = state
         return state
 
     def _plan(self, request: Request) -> ChunkPlan | None:
         if request.prompt_token_ids is None:
-            self._warn_once("embeds", "kvshelf: prompts given as embeddings are not cached")
+            self._warn_once("embeds", "prompts given as embeddings are not cached")
             return None
-        spans = [
-            MediaSpan(f.identifier, f.mm_position.offset, f.mm_position.length)
-            for f in request.mm_features or ()
-        ]
+        features = request.mm_features or ()
+        if features and not self._media_ids_are_hashes:
+            self._warn_once(
+                "request-scoped",
+                "requests with images, audio or video are not cached: with vLLM's "
+                "multimodal processor cache (--mm-processor-cache-gb 0) and prefix caching "
+                "both off, vLLM names media per request instead of by content. Turn either on.",
+            )
+            return None
+        spans = [MediaSpan(f.identifier, f.mm_position.offset, f.mm_position.length) for f in features]
         try:
             return plan_chunks(
                 request.prompt_token_ids, spans, self.config.chunk_size, request.cache_salt or ""
@@ -165,8 +180,7 @@ class SchedulerSide:
         except UncacheableRequest as exc:
             self._warn_once(
                 "uncacheable",
-                "kvshelf: request not cached: %s. vLLM gives request-scoped media ids when its "
-                "multimodal processor cache and prefix caching are both off; turn either on.",
+                "request not cached: %s",
                 exc,
             )
             return None
@@ -196,10 +210,22 @@ class SchedulerSide:
             state.done.update(c.key for c in ready)
             meta.saves.append(SaveSpec(req_id, ready, list(state.block_ids)))
 
+    def stats(self) -> dict | None:
+        """Counter increments since the last call (for vLLM's metrics)."""
+        counters = {k: v for k, v in self._counts.items() if v}
+        self._counts = dict.fromkeys(self._counts, 0)
+        return {"counters": counters} if counters else None
+
     def _log_request(self, request: Request, state: _Request, num_external: int) -> None:
-        if state.logged or not self.config.log_requests:
+        if state.logged:
             return
         state.logged = True
+        if state.plan is not None:
+            self._counts["kvshelf_lookups_total"] += 1
+            self._counts["kvshelf_lookup_tokens_total"] += request.num_tokens
+            self._counts["kvshelf_hit_tokens_total"] += state.hit_tokens
+        if not self.config.log_requests:
+            return
         logger.info(
             "Reqid: %s, Total tokens %d, kvshelf hit tokens: %d, need to load: %d",
             request.request_id,
@@ -207,6 +233,10 @@ class SchedulerSide:
             state.hit_tokens,
             num_external,
         )
+        if state.media:
+            logger.debug(
+                "Reqid: %s, media (modality, offset, length): %s", request.request_id, state.media
+            )
 
     def _warn_once(self, reason: str, message: str, *args: object) -> None:
         if reason not in self._warned:
@@ -221,6 +251,17 @@ def _chunks_up_to(plan: ChunkPlan, tokens: int) -> list[Chunk]:
         start = len(chunks) * plan.chunk_size
         chunks += [c for c in plan.cuts if c.start == start and c.end == tokens]
     return chunks
+
+
+def _media_ids_are_hashes(vllm_config: VllmConfig) -> bool:
+    """False when vLLM gives media request-scoped ids (both of its caches off): then
+    even 64-hex identifiers are hashes of a per-request name, not of the content."""
+    mm_config = vllm_config.model_config.multimodal_config
+    return not (
+        mm_config is not None
+        and mm_config.mm_processor_cache_gb == 0
+        and not vllm_config.cache_config.enable_prefix_caching
+    )
 
 
 def _skips_cache(request: Request) -> bool:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import math
+import time
+from collections import Counter
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,6 +25,7 @@ from kvshelf.engine import CacheEngine
 from kvshelf.keys import Chunk, Namespace
 from kvshelf.lookup import LookupServer, WorkerLookup, socket_path
 from kvshelf.vllm.layout import BlockCopier, KVLayout, discover_layout
+from kvshelf.vllm.metrics import series
 from kvshelf.vllm.movers import LoadItem, SaveItem, make_mover
 from kvshelf.vllm.scheduler import KVShelfMetadata, LoadSpec, SaveSpec
 
@@ -46,6 +49,13 @@ class WorkerSide:
         self._load_errors: set[int] = set()
         self._saving: tuple[KVShelfMetadata, list[Entry]] | None = None
         self._loaded: list[str] = []  # requests whose holds go once their copies are done
+        self._loaded_tokens: Counter[str] = Counter()  # by the tier the chunks came from
+        self._failed_blocks = 0
+        self._seconds: dict[str, list[float]] = {
+            "kvshelf_load_seconds": [],
+            "kvshelf_save_seconds": [],
+        }
+        self._reported: dict[str, int | float] = {}
 
     # -- setup -------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -94,6 +104,9 @@ class WorkerSide:
             return
         for req_id in meta.released:
             self._lookup.release(req_id)
+        if not meta.loads:
+            return
+        started = time.perf_counter()
         items: list[LoadItem] = []
         for spec in meta.loads:
             try:
@@ -109,6 +122,7 @@ class WorkerSide:
                 self._fail(spec, spec.start // self.copier.layout.block_size)
         # The copies are enqueued (CUDA) or done (CPU); the holds go when the step ends.
         self._loaded.extend(spec.req_id for spec in meta.loads)
+        self._seconds["kvshelf_load_seconds"].append(time.perf_counter() - started)
 
     def _load_items(self, spec: LoadSpec) -> list[LoadItem]:
         held = {chunk.key: entry for chunk, entry in self.engine.held(spec.req_id)}
@@ -116,6 +130,7 @@ class WorkerSide:
         if missing:  # prefetch off, or the hold expired: read now
             self.engine.fetch(missing, spec.req_id)
             held = {chunk.key: entry for chunk, entry in self.engine.held(spec.req_id)}
+        origins = self.engine.origins(spec.req_id)
         block_size = self.copier.layout.block_size
         items = []
         for chunk in spec.chunks:
@@ -128,6 +143,8 @@ class WorkerSide:
             payload = self.copier.payload_view(_buffer(entry), chunk.num_tokens)
             first_in_chunk = first - chunk.start // block_size
             items.append(LoadItem(payload, first_in_chunk, spec.block_ids[first:last]))
+            loaded = min(chunk.end, spec.end) - max(chunk.start, spec.start)
+            self._loaded_tokens[origins.get(chunk.key, "")] += loaded
         return items
 
     def _fail(self, spec: LoadSpec, first_block: int) -> None:
@@ -135,6 +152,7 @@ class WorkerSide:
         last = math.ceil(spec.end / self.copier.layout.block_size)
         failed = spec.block_ids[first_block:last]
         self._load_errors.update(failed)
+        self._failed_blocks += len(failed)
         logger.warning(
             "request %s: cannot load tokens from %d on; vLLM recomputes %d blocks",
             spec.req_id, first_block * self.copier.layout.block_size, len(failed),
@@ -161,6 +179,7 @@ class WorkerSide:
     def wait_for_save(self, meta: KVShelfMetadata) -> None:
         if self.engine is None:
             return
+        started = time.perf_counter()
         try:
             if meta.saves:
                 self._begin_saves(meta)
@@ -172,6 +191,7 @@ class WorkerSide:
             if self._saving is not None:
                 self.engine.save(self._saving[1])
                 self._saving = None
+                self._seconds["kvshelf_save_seconds"].append(time.perf_counter() - started)
         if self._loaded:
             self.mover.finish_loads()  # the host buffers must outlive the copies
             for req_id in self._loaded:
@@ -204,6 +224,36 @@ class WorkerSide:
                 self.engine.discard(entry)
             self._saving = None
 
+    # -- metrics -----------------------------------------------------------------
+    def stats(self) -> dict | None:
+        """Counter increments since the last call, changed gauges, new observations."""
+        if self.engine is None:
+            return None
+        engine, tiers, queue = self.engine.stats()
+        totals: dict[str, int | float] = {
+            "kvshelf_verification_failures_total": engine.verify_failures,
+            "kvshelf_saved_chunks_total": engine.saved_chunks,
+            "kvshelf_dropped_saves_total": queue.dropped_saves,
+            "kvshelf_load_failures_total": self._failed_blocks,
+        }
+        for tier, tokens in self._loaded_tokens.items():
+            totals[series("kvshelf_loaded_tokens_total", tier)] = tokens
+        gauges = {}
+        for t in tiers:
+            for name, value in _TIER_COUNTERS.items():
+                totals[series(name, t.tier)] = int(getattr(t, value))
+            for name, value in _TIER_GAUGES.items():
+                gauges[f"{series(name, t.tier)}@{self.rank}"] = int(getattr(t, value))
+        counters = {k: v - self._reported.get(k, 0) for k, v in totals.items()}
+        counters = {k: v for k, v in counters.items() if v}
+        changed = {k: v for k, v in gauges.items() if self._reported.get(k) != v}
+        self._reported = {**totals, **gauges}
+        observations = {k: v for k, v in self._seconds.items() if v}
+        self._seconds = {k: [] for k in self._seconds}
+        if not (counters or changed or observations):
+            return None
+        return {"counters": counters, "gauges": changed, "observations": observations}
+
     # -- the rest ----------------------------------------------------------------
     def shutdown(self) -> None:
         if self._server is not None:
@@ -212,6 +262,22 @@ class WorkerSide:
             self._lookup.close()
         if self.engine is not None:
             self.engine.close()
+
+
+_TIER_COUNTERS = {  # metric -> StoreStats field
+    "kvshelf_read_bytes_total": "bytes_read",
+    "kvshelf_written_bytes_total": "bytes_written",
+    "kvshelf_evictions_total": "evictions",
+    "kvshelf_corrupt_entries_total": "corrupt",
+    "kvshelf_write_failures_total": "write_failures",
+    "kvshelf_errors_total": "errors",
+    "kvshelf_timeouts_total": "timeouts",
+}
+_TIER_GAUGES = {
+    "kvshelf_used_bytes": "used_bytes",
+    "kvshelf_capacity_bytes": "capacity_bytes",
+    "kvshelf_entries": "entries",
+}
 
 
 def _buffer(entry: Entry):

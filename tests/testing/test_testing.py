@@ -28,9 +28,10 @@ from kvshelf.testing import (
     filler_text,
     free_port,
     make_media,
+    read_build_info,
     serve_args,
 )
-from kvshelf.testing.models import MARKER_NAME, WEIGHTS_FILE, read_build_info
+from kvshelf.testing.models import MARKER_NAME, WEIGHTS_FILE
 
 # --- tokenizer ---------------------------------------------------------------------------------
 
@@ -179,6 +180,15 @@ def test_build_model_is_idempotent(tmp_path, family):
     build_model(family, out, "xs")
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
     assert not list(tmp_path.glob(".*building*"))
+
+
+def test_build_model_is_deterministic(tmp_path):
+    first = build_model("idefics3", tmp_path / "a", "xs")
+    second = build_model("idefics3", tmp_path / "b", "xs")
+    names = sorted(p.name for p in first.iterdir())
+    assert names == sorted(p.name for p in second.iterdir())
+    for name in names:
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
 
 
 def test_build_model_rebuilds_on_new_parameters_and_half_built_dirs(tmp_path):

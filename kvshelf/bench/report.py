@@ -1,0 +1,193 @@
+"""Bench results as a rich table, a JSON file and a PNG (TTFT per request, one panel per type)."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from kvshelf.bench.run import COLD, WARM, Measurement
+
+PHASE_LABELS = {COLD: "cold", WARM: "warm"}
+_COLOURS = {COLD: "#4878a8", WARM: "#e0813a"}
+
+
+@dataclass
+class Summary:
+    """One request type (on one model): medians over its measurements."""
+
+    request_type: str
+    model: str
+    media: str
+    prompt_tokens: int | None
+    hit_tokens: int | None  # kvshelf hit tokens of the warm requests (None: no log line)
+    ttft_cold_s: float | None
+    ttft_warm_s: float | None
+    num_cold: int
+    num_warm: int
+
+    @property
+    def speedup(self) -> float | None:
+        if self.ttft_cold_s is None or not self.ttft_warm_s:
+            return None
+        return self.ttft_cold_s / self.ttft_warm_s
+
+
+def summarise(measurements: Sequence[Measurement]) -> list[Summary]:
+    """One :class:`Summary` per (model, request type), in first-seen order."""
+    groups: dict[tuple[str, str], list[Measurement]] = {}
+    for m in measurements:
+        groups.setdefault((m.model, m.request_type), []).append(m)
+    out = []
+    for (model, request_type), group in groups.items():
+        cold = [m for m in group if m.phase == COLD]
+        warm = [m for m in group if m.phase == WARM]
+        hits = [m.hit_tokens for m in warm if m.hit_tokens is not None]
+        out.append(Summary(
+            request_type=request_type,
+            model=model,
+            media=group[0].media,
+            prompt_tokens=_median_int([m.prompt_tokens for m in group]),
+            hit_tokens=_median_int(hits) if hits else None,
+            ttft_cold_s=_median([m.ttft_s for m in cold]),
+            ttft_warm_s=_median([m.ttft_s for m in warm]),
+            num_cold=len(cold),
+            num_warm=len(warm),
+        ))
+    return out
+
+
+def summary_table(summaries: Sequence[Summary], title: str,
+                  warm_label: str = "TTFT warm") -> Table:
+    many = any(s.num_cold > 1 or s.num_warm > 1 for s in summaries)
+    table = Table(title=title, title_justify="left")
+    for name, justify in (("request type", "left"), ("model", "left"), ("media", "left"),
+                          ("prompt tokens", "right"), ("kvshelf hit tokens", "right"),
+                          ("TTFT cold" + (" (median)" if many else ""), "right"),
+                          (warm_label + (" (median)" if many else ""), "right"),
+                          ("speedup", "right")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for s in summaries:
+        table.add_row(
+            s.request_type, s.model, s.media or "-", _int(s.prompt_tokens), _int(s.hit_tokens),
+            format_seconds(s.ttft_cold_s), format_seconds(s.ttft_warm_s),
+            "-" if s.speedup is None else f"{s.speedup:.1f}×",
+        )
+    return table
+
+
+def requests_table(measurements: Sequence[Measurement], title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for name in ("request type", "round", "stream", "phase", "prompt tokens", "hit tokens",
+                 "TTFT", "total"):
+        table.add_column(name, justify="left" if name in ("request type", "phase") else "right")
+    for m in measurements:
+        table.add_row(m.request_type, str(m.round), str(m.stream), m.phase,
+                      _int(m.prompt_tokens), _int(m.hit_tokens), format_seconds(m.ttft_s),
+                      format_seconds(m.total_s))
+    return table
+
+
+def write_json(path: str | os.PathLike[str], measurements: Sequence[Measurement],
+               meta: Mapping[str, Any]) -> Path:
+    """``{meta..., "summary": [...], "requests": [...]}``, written atomically."""
+    summary = [asdict(s) | {"speedup": s.speedup} for s in summarise(measurements)]
+    data = {**meta, "ttft_definition": TTFT_DEFINITION, "summary": summary,
+            "requests": [asdict(m) for m in measurements]}
+    return _write(Path(path), (json.dumps(data, indent=1) + "\n").encode())
+
+
+def plot_ttft(path: str | os.PathLike[str], measurements: Sequence[Measurement], title: str,
+              phase_labels: Mapping[str, str] = PHASE_LABELS) -> Path:
+    """TTFT of every request as a bar, coloured cold/warm, one panel per request type."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed; must precede pyplot
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    groups: dict[str, list[Measurement]] = {}
+    for m in measurements:
+        groups.setdefault(m.request_type, []).append(m)
+    num = max(len(groups), 1)
+    fig, axes = plt.subplots(1, num, figsize=(3.2 * num + 1.0, 4.2), squeeze=False)
+    for ax, (request_type, group) in zip(axes[0], groups.items()):
+        ttfts = [m.ttft_s for m in group]
+        bars = ax.bar(range(len(group)), ttfts, color=[_COLOURS[m.phase] for m in group],
+                      width=0.7)
+        ax.bar_label(bars, labels=[format_seconds(t) for t in ttfts], fontsize=8, padding=2)
+        ax.set_xticks(range(len(group)), [_tick(m, group) for m in group], fontsize=8)
+        tokens = _median_int([m.prompt_tokens for m in group])
+        models = ", ".join(dict.fromkeys(m.model for m in group))
+        subtitle = f"{models}, {tokens:,} prompt tokens" if tokens else models
+        ax.set_title(f"{request_type}\n{subtitle}", fontsize=9)
+        ax.set_ylim(0, max(ttfts) * 1.25)
+        summary = summarise(group)[0]
+        if summary.speedup is not None:
+            ax.text(0.97, 0.95, f"warm: {summary.speedup:.1f}× faster", transform=ax.transAxes,
+                    ha="right", va="top", fontsize=8, color=_COLOURS[WARM], fontweight="bold")
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_xlabel("request (in send order)", fontsize=8)
+    axes[0][0].set_ylabel("TTFT (seconds, lower is better)")
+    phases = [p for p in (COLD, WARM) if any(m.phase == p for m in measurements)]
+    fig.legend(handles=[Patch(color=_COLOURS[p], label=phase_labels.get(p, p)) for p in phases],
+               loc="upper right", fontsize=9, frameon=False)
+    fig.suptitle(title, x=0.01, ha="left", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+TTFT_DEFINITION = (
+    "seconds from just before the request is sent (connect + upload included) to the first "
+    "streamed chunk carrying a generated token: non-empty delta content/reasoning/tool_calls or "
+    "a logprobs entry (logprobs are requested so an empty-text token counts); vLLM's role-only "
+    "first chunk does not count"
+)
+
+
+def format_seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f} s" if value >= 1 else f"{value * 1000:.0f} ms"
+
+
+def _tick(m: Measurement, group: Sequence[Measurement]) -> str:
+    streams = len({g.stream for g in group}) > 1
+    rounds = len({g.round for g in group}) > 1 and len({g.phase for g in group}) < len(group)
+    label = m.phase
+    if rounds:
+        label += f"\nround {m.round}"
+    if streams:
+        label += f"\nstream {m.stream}"
+    return label
+
+
+def _median(values: Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _median_int(values: Sequence[int | None]) -> int | None:
+    known = [v for v in values if v is not None]
+    return int(statistics.median(known)) if known else None
+
+
+def _int(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temp.write_bytes(data)
+    os.replace(temp, path)
+    return path

@@ -1,0 +1,112 @@
+"""The `kvshelf` command: bench, stats, clear.
+
+    kvshelf bench --url http://localhost:8000 --chat-type all --prompt-tokens 2048 --plot out.png
+    kvshelf stats /var/cache/kvshelf            (or redis://host:6379/0)
+    kvshelf clear /var/cache/kvshelf [--namespace 3f2a]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kvshelf", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    bench = commands.add_parser(
+        "bench", help="time TTFT of text/image/video/audio chat requests, cold and warm",
+        description="Streamed chat completions against an OpenAI-compatible server: TTFT per "
+                    "request type, cold (first sending) and warm (repeats).")
+    from kvshelf.bench.command import add_arguments  # argparse only; heavy imports come later
+
+    add_arguments(bench)
+
+    stats = commands.add_parser("stats", help="entries, bytes and namespaces of a cache tier")
+    stats.add_argument("target", metavar="PATH_OR_URL",
+                       help="a disk tier directory, or redis:// rediss:// unix:// "
+                            "redis+cluster:// URL")
+    stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    clear = commands.add_parser("clear", help="remove cached entries from a cache tier")
+    clear.add_argument("target", metavar="PATH_OR_URL", help="as for stats")
+    clear.add_argument("--namespace", action="append", default=[], metavar="HEX",
+                       help="only this namespace (its hex id or its start, as stats shows); "
+                            "repeat for several")
+
+    args = parser.parse_args(argv)
+    if args.command == "bench":
+        from kvshelf.bench.command import main as bench_main
+
+        return bench_main(args)
+    return _admin(args)
+
+
+def _admin(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from kvshelf import admin
+
+    console = Console()
+    try:
+        if args.command == "stats":
+            result = admin.stats(args.target)
+            if args.json:
+                print(json.dumps(result.as_dict(), indent=1))
+            else:
+                console.print(_stats_table(result))
+        else:
+            done = admin.clear(args.target, args.namespace)
+            which = ", ".join(n[:12] for n in done.namespaces) or "none"
+            console.print(f"removed {done.entries} entries ({done.keys} files/keys) from "
+                          f"{done.target}; namespaces: {which}", highlight=False)
+    except admin.AdminError as exc:
+        print(f"kvshelf {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _stats_table(result):
+    from rich.table import Table
+
+    table = Table(title=f"kvshelf {result.tier} tier: {result.target}", title_justify="left")
+    for name in ("namespace", "model", "entries", "bytes", "oldest", "newest"):
+        table.add_column(name, justify="right" if name in ("entries", "bytes") else "left")
+    for ns in result.namespaces:
+        table.add_row(ns.namespace[:12], _model(ns.description), f"{ns.entries:,}", _size(ns.bytes),
+                      _when(ns.oldest), _when(ns.newest))
+    table.add_section()
+    table.add_row("total", "", f"{result.entries:,}", _size(result.bytes), "", "")
+    notes = ["oldest/newest: least/most recent write or read"]
+    if result.stray:
+        what = "unfinished temp files" if result.tier == "disk" else "parts without a head"
+        notes.append(f"{result.stray} {what} (a writer at work, or one that died)")
+    table.caption = "; ".join(notes)
+    return table
+
+
+def _model(description: dict | None) -> str:
+    """The model of a namespace as its last path part (NAMESPACE.json: "path|revision|...")."""
+    model = str((description or {}).get("model") or "-").split("|")[0].rstrip("/")
+    return model.rsplit("/", 1)[-1] or model
+
+
+def _size(num_bytes: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.1f} {unit}"
+    return f"{num_bytes} B"
+
+
+def _when(unix_s: float | None) -> str:
+    if unix_s is None:
+        return "-"
+    return time.strftime("%m-%d %H:%M:%S", time.localtime(unix_s))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

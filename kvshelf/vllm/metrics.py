@@ -1,0 +1,145 @@
+"""kvshelf's metrics, carried by vLLM's connector-stats channel into its own /metrics.
+
+Workers and the scheduler each hand vLLM a :class:`KVShelfStats` every step: counter
+increments since their last report, current gauge values and latency observations.
+vLLM aggregates them across workers and passes the result to
+:class:`KVShelfPromMetrics`, which feeds Prometheus counters, gauges and histograms
+labelled like vLLM's own (model name, engine) plus ``tier``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+    KVConnectorPromMetrics,
+    KVConnectorStats,
+)
+
+# name -> help. Counters: one time series per tier where the key carries "|tier".
+COUNTERS = {
+    "kvshelf_lookups_total": "Requests kvshelf looked up.",
+    "kvshelf_lookup_tokens_total": "Prompt tokens of the requests looked up.",
+    "kvshelf_hit_tokens_total": "Prompt tokens found in kvshelf (any tier).",
+    "kvshelf_loaded_tokens_total": "Prompt tokens loaded into vLLM's cache, by source tier.",
+    "kvshelf_read_bytes_total": "Bytes read from a tier.",
+    "kvshelf_written_bytes_total": "Bytes written to a tier.",
+    "kvshelf_saved_chunks_total": "Chunks copied out of vLLM's cache to be stored.",
+    "kvshelf_dropped_saves_total": "Chunks not stored in lower tiers: the save queue was full.",
+    "kvshelf_evictions_total": "Entries evicted to stay within a tier's budget.",
+    "kvshelf_corrupt_entries_total": "Entries that failed their checksum and were removed.",
+    "kvshelf_verification_failures_total": "Entries whose recorded origin did not match the prompt.",
+    "kvshelf_write_failures_total": "Entries a tier failed to store (full, unreachable, I/O error).",
+    "kvshelf_errors_total": "I/O or connection errors of a tier.",
+    "kvshelf_timeouts_total": "Operations of a tier that timed out.",
+    "kvshelf_load_failures_total": "Blocks reported to vLLM as failed to load (recomputed).",
+}
+GAUGES = {
+    "kvshelf_used_bytes": "Bytes a tier holds now.",
+    "kvshelf_capacity_bytes": "A tier's byte budget.",
+    "kvshelf_entries": "Entries a tier holds now.",
+}
+HISTOGRAMS = {
+    "kvshelf_load_seconds": "Time to start a step's loads into vLLM's cache (CPU: the whole copy).",
+    "kvshelf_save_seconds": "Time the step waited for its saves to be copied out of vLLM's cache.",
+}
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+def series(name: str, tier: str = "") -> str:
+    """The stats key of one time series: ``name`` or ``name|tier``."""
+    return f"{name}|{tier}" if tier else name
+
+
+@dataclass
+class KVShelfStats(KVConnectorStats):
+    """``data`` = {"counters": {key: increment}, "gauges": {key@rank: value},
+    "observations": {histogram: [seconds, ...]}}: plain numbers, serialisable."""
+
+    def __post_init__(self) -> None:
+        for part in ("counters", "gauges", "observations"):
+            self.data.setdefault(part, {})
+
+    def reset(self) -> None:
+        self.data = {"counters": {}, "gauges": {}, "observations": {}}
+
+    def aggregate(self, other: KVConnectorStats) -> KVShelfStats:
+        ours = self.data
+        merged = KVShelfStats(
+            data={
+                "counters": dict(ours["counters"]),
+                "gauges": dict(ours["gauges"]),
+                "observations": {k: list(v) for k, v in ours["observations"].items()},
+            }
+        )
+        theirs = other.data
+        for key, value in theirs.get("counters", {}).items():
+            merged.data["counters"][key] = merged.data["counters"].get(key, 0) + value
+        merged.data["gauges"].update(theirs.get("gauges", {}))  # the latest value per rank
+        for key, values in theirs.get("observations", {}).items():
+            merged.data["observations"].setdefault(key, []).extend(values)
+        return merged
+
+    def reduce(self) -> dict[str, int | float]:
+        counters = self.data["counters"]
+        looked = counters.get("kvshelf_lookup_tokens_total", 0)
+        hit = counters.get("kvshelf_hit_tokens_total", 0)
+        read = sum(v for k, v in counters.items() if k.startswith("kvshelf_read_bytes_total"))
+        return {
+            "lookups": counters.get("kvshelf_lookups_total", 0),
+            "hit_rate": round(hit / looked, 3) if looked else 0.0,
+            "read_GB": round(read / 1e9, 3),
+            "dropped_saves": counters.get("kvshelf_dropped_saves_total", 0),
+        }
+
+    def is_empty(self) -> bool:
+        return not any(self.data[part] for part in ("counters", "gauges", "observations"))
+
+
+class KVShelfPromMetrics(KVConnectorPromMetrics):
+    def __init__(
+        self,
+        vllm_config: Any,
+        metric_types: dict,
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ):
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        names = [*labelnames, "tier"]
+        self._counters = {
+            n: self._counter_cls(name=n, documentation=h, labelnames=names)
+            for n, h in COUNTERS.items()
+        }
+        self._gauges = {
+            n: self._gauge_cls(
+                name=n, documentation=h, labelnames=names, multiprocess_mode="mostrecent"
+            )
+            for n, h in GAUGES.items()
+        }
+        self._histograms = {
+            n: self._histogram_cls(
+                name=n, documentation=h, labelnames=labelnames, buckets=BUCKETS
+            )
+            for n, h in HISTOGRAMS.items()
+        }
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        labels = self.per_engine_labelvalues[engine_idx]
+        for key, value in transfer_stats_data.get("counters", {}).items():
+            name, _, tier = key.partition("|")
+            if name in self._counters and value > 0:
+                self._counters[name].labels(*labels, tier).inc(value)
+        totals: dict[tuple[str, str], float] = {}
+        for key, value in transfer_stats_data.get("gauges", {}).items():
+            name_tier, _, _rank = key.partition("@")
+            name, _, tier = name_tier.partition("|")
+            totals[(name, tier)] = totals.get((name, tier), 0) + value
+        for (name, tier), value in totals.items():
+            if name in self._gauges:
+                self._gauges[name].labels(*labels, tier).set(value)
+        for name, values in transfer_stats_data.get("observations", {}).items():
+            if name in self._histograms:
+                histogram = self._histograms[name].labels(*labels)
+                for value in values:
+                    histogram.observe(value)
