@@ -47,11 +47,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _admin(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from kvshelf import admin
+    from kvshelf.bench.report import make_console
 
-    console = Console()
+    console = make_console()
     try:
         if args.command == "stats":
             result = admin.stats(args.target)

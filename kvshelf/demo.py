@@ -35,7 +35,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from kvshelf.bench.client import BenchError
 from kvshelf.bench.logs import request_lines
 from kvshelf.bench.payloads import fit_filler, load_media
-from kvshelf.bench.report import plot_ttft, summarise, summary_table, write_json
+from kvshelf.bench.report import make_console, plot_ttft, summarise, summary_table, write_json
 from kvshelf.bench.run import COLD, WARM, BenchSettings, Measurement, Prepared, client, send
 
 
@@ -61,7 +61,7 @@ DEMO_LABELS = {COLD: "cold (empty cache)", WARM: "warm (after a restart: kvshelf
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
-    console = Console()
+    console = make_console()
     # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the servers are stopped.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     began = time.monotonic()
@@ -152,7 +152,7 @@ class Demo:
         name = f"{server.family}-{self.args.size}"
         vllm = VllmServer(self.models[server.family], args=self._server_args(server, name),
                           log_path=self.work / "logs" / f"{name}.log")
-        with vllm:  # stopped on any exit, Ctrl-C included
+        try:
             for phase in (COLD, WARM):
                 if phase == COLD:
                     self._start(vllm, f"starting vLLM: {name} with KVShelfConnector", vllm.start)
@@ -173,6 +173,8 @@ class Demo:
                             f"{phase} {request_type}: TTFT {measurement.ttft_s:.3f} s, "
                             f"{measurement.prompt_tokens} prompt tokens"))
                 self._collect_lines(vllm.log_text(since_start=True), phase)
+        finally:  # on any exit, Ctrl-C included
+            vllm.stop()
 
     def _start(self, vllm, what: str, start) -> None:
         with self._progress() as progress:

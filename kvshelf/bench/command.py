@@ -6,14 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from rich.console import Console
-
 from kvshelf.bench.client import BenchError, base_url
 from kvshelf.bench.logs import request_lines
 from kvshelf.bench.payloads import REQUEST_TYPES
 from kvshelf.bench.report import (
     TTFT_DEFINITION,
     format_seconds,
+    make_console,
     plot_ttft,
     requests_table,
     summarise,
@@ -61,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    console = Console()
+    console = make_console()
     settings = BenchSettings(
         url=base_url(args.url),
         model=args.model,

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
 from rich.table import Table
 
 from kvshelf.bench.run import COLD, WARM, Measurement
@@ -37,6 +39,12 @@ class Summary:
         if self.ttft_cold_s is None or not self.ttft_warm_s:
             return None
         return self.ttft_cold_s / self.ttft_warm_s
+
+
+def make_console() -> Console:
+    """A console for tables: the terminal's width, or 150 columns when output is piped
+    (rich's default of 80 would wrap every cell of the tables)."""
+    return Console(width=None if sys.stdout.isatty() else 150)
 
 
 def summarise(measurements: Sequence[Measurement]) -> list[Summary]:

@@ -147,6 +147,11 @@ class BlockCopier:
         self.raws = list(raws)
         self.device = self.raws[0].device
         self.torch_dtype = self.raws[0].dtype
+        # One block of every layer (all outer slices), in bytes.
+        self.block_bytes = (
+            layout.num_layers * math.prod(layout.outer) * layout.row_elems
+            * self.raws[0].element_size()
+        )
 
     def payload_view(self, buffer, num_tokens: int) -> torch.Tensor:
         """A tensor over an entry's payload buffer (no copy)."""

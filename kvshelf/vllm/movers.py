@@ -13,6 +13,7 @@ host memory and the cache.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -42,10 +43,13 @@ class SyncMover:
     def __init__(self, copier: BlockCopier):
         self.copier = copier
         self._saves: list[SaveItem] = []
+        self.last_load_s = 0.0
 
     def load(self, items: Sequence[LoadItem], forward_context: object = None) -> None:
+        started = time.perf_counter()
         for item in items:
             self.copier.scatter(item.payload, item.first_block, item.block_ids)
+        self.last_load_s = time.perf_counter() - started
 
     def wait_layer(self, layer: int) -> None:
         return
@@ -74,8 +78,10 @@ class CudaMover:
         self.load_stream = torch.cuda.Stream(device=copier.device)
         self.save_stream = torch.cuda.Stream(device=copier.device)
         self._layer_loaded: list[torch.cuda.Event | None] = [None] * self.num_layers
+        self._load_span: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
         self._saves: list[SaveItem] = []
         self._saved = [False] * self.num_layers
+        self.last_load_s = 0.0
 
     # -- loads -------------------------------------------------------------------
     def load(self, items: Sequence[LoadItem], forward_context: object = None) -> None:
@@ -83,7 +89,9 @@ class CudaMover:
             return
         compute = torch.cuda.current_stream(self.copier.device)
         self.load_stream.wait_stream(compute)  # after the step's block zeroing
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(self.load_stream):
+            begin.record(self.load_stream)
             for layer in range(self.num_layers):
                 for item in items:
                     self.copier.scatter(
@@ -92,6 +100,8 @@ class CudaMover:
                 event = torch.cuda.Event()
                 event.record(self.load_stream)
                 self._layer_loaded[layer] = event
+            end.record(self.load_stream)
+        self._load_span = (begin, end)
         if not _runs_layer_hooks(forward_context):
             # A full CUDA graph replays the whole forward without calling
             # wait_for_layer_load: wait for every layer up front.
@@ -107,6 +117,10 @@ class CudaMover:
     def finish_loads(self) -> None:
         """Block until every enqueued load copy is done (their sources may then go)."""
         self.load_stream.synchronize()
+        if self._load_span is not None:
+            begin, end = self._load_span
+            self.last_load_s = begin.elapsed_time(end) / 1000
+            self._load_span = None
 
     # -- saves -------------------------------------------------------------------
     def begin_saves(self, items: Sequence[SaveItem]) -> None:
@@ -138,9 +152,12 @@ class CudaMover:
 
 
 def _runs_layer_hooks(forward_context: object) -> bool:
-    """False when this step replays a full CUDA graph (no per-layer hooks run)."""
+    """False when this step replays a full CUDA graph: no per-layer hooks run then (vLLM
+    calls start_load_kv without attention metadata, or flags the step FULL)."""
+    if getattr(forward_context, "attn_metadata", None) is None:
+        return False
     mode = getattr(forward_context, "cudagraph_runtime_mode", None)
-    return mode is None or getattr(mode, "name", "") != "FULL"
+    return getattr(mode, "name", "NONE") != "FULL"
 
 
 def make_mover(copier: BlockCopier) -> SyncMover | CudaMover:

@@ -74,3 +74,4 @@ class PinnedMemory(HostMemory):
             with self._lock:
                 self._segments.append(segment)
                 self._free.extend(reversed(slots))
+        logger.info("memory tier ready: %.1f GB pinned", self.pinned_bytes / 1e9)

@@ -51,6 +51,7 @@ class WorkerSide:
         self._loaded: list[str] = []  # requests whose holds go once their copies are done
         self._loaded_tokens: Counter[str] = Counter()  # by the tier the chunks came from
         self._failed_blocks = 0
+        self._load_bytes = 0
         self._seconds: dict[str, list[float]] = {
             "kvshelf_load_seconds": [],
             "kvshelf_save_seconds": [],
@@ -96,6 +97,9 @@ class WorkerSide:
 
         item = torch.empty((), dtype=self.copier.torch_dtype).element_size()
         slot_bytes = math.prod(layout.payload_shape(self.config.chunk_size)) * item
+        logger.info(
+            "pinning up to %.1f GB of host memory for the memory tier", self.config.cpu_bytes / 1e9
+        )
         return PinnedMemory(slot_bytes, self.config.cpu_bytes)
 
     # -- loads -------------------------------------------------------------------
@@ -106,7 +110,6 @@ class WorkerSide:
             self._lookup.release(req_id)
         if not meta.loads:
             return
-        started = time.perf_counter()
         items: list[LoadItem] = []
         for spec in meta.loads:
             try:
@@ -122,7 +125,7 @@ class WorkerSide:
                 self._fail(spec, spec.start // self.copier.layout.block_size)
         # The copies are enqueued (CUDA) or done (CPU); the holds go when the step ends.
         self._loaded.extend(spec.req_id for spec in meta.loads)
-        self._seconds["kvshelf_load_seconds"].append(time.perf_counter() - started)
+        self._load_bytes += sum(len(item.block_ids) for item in items) * self.copier.block_bytes
 
     def _load_items(self, spec: LoadSpec) -> list[LoadItem]:
         held = {chunk.key: entry for chunk, entry in self.engine.held(spec.req_id)}
@@ -197,6 +200,17 @@ class WorkerSide:
             for req_id in self._loaded:
                 self._lookup.release(req_id)
             self._loaded = []
+            self._record_load()
+
+    def _record_load(self) -> None:
+        seconds, nbytes = self.mover.last_load_s, self._load_bytes
+        self._load_bytes = 0
+        self._seconds["kvshelf_load_seconds"].append(seconds)
+        if seconds > 0:
+            logger.debug(
+                "loaded %d bytes in %.2f ms (%.2f GB/s)",
+                nbytes, seconds * 1e3, nbytes / seconds / 1e9,
+            )
 
     def _begin_saves(self, meta: KVShelfMetadata) -> None:
         if self._saving is not None and self._saving[0] is meta:

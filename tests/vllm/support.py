@@ -154,3 +154,29 @@ def corrupt(path: Path) -> None:
     middle = 256 + (len(data) - 256) // 2
     data[middle] ^= 0xFF
     path.write_bytes(bytes(data))
+
+
+def scrape(server: VllmServer) -> dict[tuple[str, str], float]:
+    """kvshelf's samples from the server's /metrics: (name, tier) -> value, summed over
+    the other labels. Counters appear under their ``_total`` name."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    values: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("kvshelf_") and not sample.name.endswith("_created"):
+                key = (sample.name, sample.labels.get("tier", ""))
+                values[key] = values.get(key, 0.0) + sample.value
+    return values
+
+
+def wait_for_metric(server: VllmServer, name: str, tier: str = "", at_least: float = 1,
+                    timeout_s: float = 20) -> dict[tuple[str, str], float]:
+    """Scrape until ``name`` reaches ``at_least`` (vLLM publishes stats each step)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        values = scrape(server)
+        if values.get((name, tier), 0) >= at_least or time.monotonic() > deadline:
+            return values
+        time.sleep(0.5)

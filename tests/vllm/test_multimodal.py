@@ -10,7 +10,14 @@ from __future__ import annotations
 import pytest
 
 from kvshelf.testing import VllmServer, build_model, free_port, make_media
-from tests.vllm.support import CHUNK_SIZE, Client, corrupt, server_args, settled_files
+from tests.vllm.support import (
+    CHUNK_SIZE,
+    Client,
+    corrupt,
+    server_args,
+    settled_files,
+    wait_for_metric,
+)
 
 pytestmark = pytest.mark.vllm
 
@@ -87,6 +94,8 @@ def test_hits_after_restart_are_exact_and_keyed_by_content(
         assert recomputed.same_answer(victim)
         assert recomputed.hit_tokens < recomputed.prompt_tokens - CHUNK_SIZE
         assert "removing corrupt entry" in client.log()
+        counted = wait_for_metric(server, "kvshelf_corrupt_entries_total", "disk")
+        assert counted[("kvshelf_corrupt_entries_total", "disk")] >= 1
         assert not any(p.exists() and _is_corrupt(p) for p in victim_files)
         assert ask(client, [first]).same_answer(cold)
 

@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 
 from kvshelf.testing import VllmServer, build_model, free_port, make_media
-from tests.vllm.support import CHUNK_SIZE, Client, corrupt, server_args, settled_files
+from tests.vllm.support import (
+    CHUNK_SIZE,
+    Client,
+    corrupt,
+    server_args,
+    settled_files,
+    wait_for_metric,
+)
 
 pytestmark = pytest.mark.vllm
 FILLER = 600
@@ -42,6 +49,9 @@ def test_load_failures_follow_the_policy_and_never_kill_the_engine(policy, model
         broken = client.ask("text-only", media, filler_tokens=FILLER)
         assert broken.hit_tokens >= broken.prompt_tokens - CHUNK_SIZE  # they exist...
         assert "vLLM recomputes" in client.log()  # ...but fail to load
+        assert wait_for_metric(server, "kvshelf_load_failures_total")[
+            ("kvshelf_load_failures_total", "")
+        ] >= 1
         if policy == "recompute":
             assert broken.status == 200 and broken.same_answer(cold)
         else:

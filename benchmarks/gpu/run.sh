@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# On the GPU host (no network): install the vLLM 0.26 bundle staged in /tmp/stage, build
+# the 7B-shaped model dirs, and run the TTFT benchmark for one of them.
+# usage: benchmarks/gpu/run.sh {stage PART...|install|lmcache|llava7b|gqa7b}
+# Parts are made here with: benchmarks/gpu/build-bundle.sh .gpu-bundle
+set -u
+STAGE=/tmp/stage SITE=/tmp/site MODELS=/tmp/models OUT=${OUT:-/tmp/out}
+here=$(cd "$(dirname "$0")" && pwd); repo=$(cd "$here/../.." && pwd)
+export PYTHONPATH=$SITE:$repo VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 \
+       VLLM_NO_USAGE_STATS=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+mkdir -p "$STAGE" "$OUT"
+case ${1:?usage: run.sh stage PART...|install|lmcache|llava7b|gqa7b} in
+  stage) shift; cp "$@" "$STAGE"/ && ls -la "$STAGE" ;;
+  install)
+    bash "$here/install-bundle.sh" "$STAGE" "$SITE" || exit 1
+    python3 "$here/models.py" "$MODELS/llava7b" llava7b && python3 "$here/models.py" "$MODELS/gqa7b" gqa7b
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; df -h /tmp; free -g ;;
+  lmcache)
+    W=$(mktemp -d); cat "$STAGE"/lmcache.part.* | tar xf - -C "$W"
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$W"/lmcache/*.whl
+    python3 -c 'import lmcache; print("lmcache", lmcache.__version__)' ;;
+  llava7b) python3 "$here/ttft.py" "$MODELS/llava7b" --out "$OUT" --kv-bytes-per-token 524288 "${@:2}" ;;
+  gqa7b) python3 "$here/ttft.py" "$MODELS/gqa7b" --out "$OUT" --kv-bytes-per-token 57344 "${@:2}" ;;
+esac

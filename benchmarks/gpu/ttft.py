@@ -1,0 +1,396 @@
+"""TTFT on a GPU host: kvshelf against vLLM's own prefix caching and CPU offloading.
+
+For one model directory (see models.py) and prompts of an image plus ~8K and ~32K tokens
+of text, each setup runs in its own vLLM server, one after another:
+
+  baseline        no connector, prefix caching on: each prompt's first request is cold,
+                  its repeats hit vLLM's own GPU cache (the floor)
+  simple_offload  vLLM's SimpleCPUOffloadConnector, GPU cache forced small so a prompt
+                  is evicted to CPU memory before it comes again
+  kvshelf         KVShelfConnector, prefix caching off: cold requests save, repeats load
+                  from kvshelf's memory tier (pinned host memory)
+  kvshelf_disk    the same server restarted with the page cache dropped: repeats load
+                  from kvshelf's disk tier
+  lmcache         LMCache's LMCacheConnectorV1 (CPU tier), prefix caching off
+
+It prints a table (median TTFT per setup and size, warm speedup, kvshelf's load GB/s vs
+the pinned host->device copy measured here), writes OUT/ttft.json and OUT/ttft.png.
+
+usage: python benchmarks/gpu/ttft.py MODEL_DIR --out OUT [--setups ...] [--sizes 8k,32k]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from kvshelf.bench.client import stream_chat
+from kvshelf.testing.server import VllmServer, free_port
+
+SIZES = {"8k": 7500, "32k": 28500}  # words of text -> ~8.5K / ~32.5K prompt tokens
+SMOKE_SIZES = {"8k": 300, "32k": 600}  # --smoke: a CPU dry run of the whole flow
+_LOADED = re.compile(r"loaded (\d+) bytes in ([\d.]+) ms")
+
+
+@dataclass
+class Sample:
+    setup: str
+    size: str
+    phase: str  # "cold", "warm"
+    prompt: int
+    ttft_s: float
+    prompt_tokens: int | None
+
+
+@dataclass
+class Results:
+    model: str
+    device: str = ""
+    h2d_gbps: float = 0.0
+    d2h_gbps: float = 0.0
+    samples: list[Sample] = field(default_factory=list)
+    load_gbps: dict[str, list[float]] = field(default_factory=dict)
+    throughput: dict[str, dict] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+# -- prompts -----------------------------------------------------------------
+def image_url(seed: int) -> str:
+    pixels = (np.random.RandomState(seed).rand(336, 336, 3) * 255).astype("uint8")
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def chat_body(model: str, words: list[str], size: str, prompt: int, max_tokens: int = 2) -> dict:
+    rng = random.Random(f"{size}-{prompt}")
+    text = " ".join(rng.choice(words) for _ in range(SIZES[size]))
+    content = [
+        {"type": "image_url", "image_url": {"url": image_url(1000 * prompt + len(size))}},
+        {"type": "text", "text": text},
+    ]
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+
+
+# -- copies ------------------------------------------------------------------------------
+def pinned_copy_gbps() -> tuple[float, float]:
+    """Host->device and device->host GB/s of a 1 GiB pinned copy (median of 10)."""
+    import torch
+
+    nbytes = 1 << 30
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    device = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    rates = {"h2d": [], "d2h": []}
+    for _ in range(12):
+        for kind, dst, src in (("h2d", device, host), ("d2h", host, device)):
+            torch.cuda.synchronize()
+            began = time.perf_counter()
+            dst.copy_(src, non_blocking=True)
+            torch.cuda.synchronize()
+            rates[kind].append(nbytes / (time.perf_counter() - began) / 1e9)
+    del host, device
+    torch.cuda.empty_cache()
+    return statistics.median(rates["h2d"][2:]), statistics.median(rates["d2h"][2:])
+
+
+# -- servers -----------------------------------------------------------------------------
+def kv_transfer(connector: str, extra: dict | None = None, **more) -> list[str]:
+    config = {"kv_connector": connector, "kv_role": "kv_both", **more}
+    if extra is not None:
+        config["kv_connector_extra_config"] = extra
+    return ["--kv-transfer-config", json.dumps(config)]
+
+
+def setup_args(setup: str, work: Path, max_len: int) -> tuple[list[str], dict[str, str]]:
+    common = ["--load-format", "dummy", "--max-model-len", str(max_len),
+              "--gpu-memory-utilization", "0.85", "--served-model-name", "m"]
+    env: dict[str, str] = {}
+    if setup == "baseline":
+        return common, env
+    if setup == "simple_offload":
+        return common + ["--num-gpu-blocks-override", "1400"] + kv_transfer(
+            "SimpleCPUOffloadConnector", {"cpu_bytes_to_use": 40_000_000_000}
+        ), env
+    if setup in ("kvshelf", "kvshelf_disk"):
+        extra = {
+            "cpu_bytes": "40GB", "disk_path": str(work / "kvshelf-disk"), "disk_bytes": "30GB",
+            "save_queue_bytes": "40GB", "log_level": "DEBUG",
+        }
+        return common + ["--no-enable-prefix-caching"] + kv_transfer(
+            "KVShelfConnector", extra, kv_connector_module_path="kvshelf.vllm.connector"
+        ), env
+    if setup == "lmcache":
+        env = {"LMCACHE_CHUNK_SIZE": "256", "LMCACHE_LOCAL_CPU": "True",
+               "LMCACHE_MAX_LOCAL_CPU_SIZE": "40"}
+        return common + ["--no-enable-prefix-caching"] + kv_transfer("LMCacheConnectorV1"), env
+    raise ValueError(setup)
+
+
+def wait_for_log(server: VllmServer, needle: str, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if needle in server.log_text(since_start=True):
+            return True
+        time.sleep(1)
+    return False
+
+
+# -- measuring ---------------------------------------------------------------------------
+def ttft(client: httpx.Client, server: VllmServer, body: dict) -> tuple[float, int | None]:
+    result = stream_chat(client, server.url, body)
+    return result.ttft_s, result.prompt_tokens
+
+
+def measure(client, server, results, setup, words, size, prompts, phase, repeats=1):
+    for prompt in prompts:
+        for _ in range(repeats):
+            seconds, tokens = ttft(client, server, chat_body("m", words, size, prompt))
+            results.samples.append(Sample(setup, size, phase, prompt, seconds, tokens))
+            print(f"  {setup:15s} {size:4s} {phase:5s} prompt {prompt}: "
+                  f"{seconds * 1e3:8.1f} ms ({tokens} tokens)", flush=True)
+
+
+def throughput(server: VllmServer, words: list[str], concurrency: int = 16, max_tokens: int = 128):
+    """Output tokens/s for ``concurrency`` simultaneous ~1K-token requests (cold)."""
+    results: list[tuple[float, int]] = []
+
+    def one(i: int) -> None:
+        rng = random.Random(f"tput-{i}-{time.time()}")
+        body = {"model": "m", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+                "messages": [{"role": "user", "content": " ".join(rng.choice(words) for _ in range(900))}]}
+        with httpx.Client(timeout=600) as client:
+            began = time.perf_counter()
+            reply = client.post(f"{server.url}/v1/chat/completions", json=body).json()
+            results.append((time.perf_counter() - began, reply["usage"]["completion_tokens"]))
+
+    began = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - began
+    tokens = sum(n for _, n in results)
+    return {"output_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
+
+
+def drop_page_cache() -> bool:
+    subprocess.run(["sync"], check=False)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def run_setup(setup, model_dir, work, results, words, sizes, cold_prompts, warm_repeats,
+              server_box, log_dir):
+    max_len = 4096 if SIZES["8k"] == SMOKE_SIZES["8k"] else 34000
+    args, env = setup_args(setup, work, max_len)
+    env = {**os.environ, **env}
+    log = work / f"serve_{setup}.log"
+    if setup == "kvshelf_disk":
+        server = server_box.get("kvshelf")
+        if server is None:
+            raise RuntimeError("kvshelf_disk needs the kvshelf server first")
+        server.stop()
+        results.notes.append(f"page cache dropped before kvshelf_disk: {drop_page_cache()}")
+        server.start()
+    else:
+        server = VllmServer(model_dir, port=free_port(), args=args, env=env, log_path=log,
+                            startup_timeout_s=900)
+        server.start()
+        server_box[setup] = server
+    print(f"== {setup}: up in {server.startup_s:.0f} s", flush=True)
+    if "pinning up to" in server.log_text(since_start=True):
+        wait_for_log(server, "memory tier ready", 180)  # pinned memory is grown at start
+    with httpx.Client(timeout=900) as client:
+        # Warm-up (first-request costs), not measured; prompt 99 is never measured.
+        ttft(client, server, chat_body("m", words, sizes[-1], 99))
+        for size in sizes:
+            prompts = list(range(cold_prompts[size]))
+            if setup == "kvshelf_disk":
+                measure(client, server, results, setup, words, size, prompts, "warm")
+                continue
+            measure(client, server, results, setup, words, size, prompts, "cold")
+            if setup == "simple_offload":  # revisit in order: each was evicted by later ones
+                measure(client, server, results, setup, words, size, prompts, "warm")
+            else:
+                measure(client, server, results, setup, words, size, prompts[-1:], "warm", warm_repeats)
+        if setup in ("baseline", "kvshelf"):
+            results.throughput[setup] = throughput(server, words)
+    loads = [int(b) / float(ms) / 1e6 for b, ms in _LOADED.findall(server.log_text(since_start=True))
+             if float(ms) > 0 and int(b) > 1e8]
+    if loads:
+        results.load_gbps[setup] = loads
+    if setup == "kvshelf":
+        settle_disk(work / "kvshelf-disk")
+    else:
+        server.stop()
+    keep_log_lines(server, log_dir / f"serve_{setup}.log")
+
+
+def keep_log_lines(server: VllmServer, path: Path) -> None:
+    """What matters of a server log: kvshelf's lines, errors, and the tail."""
+    lines = server.log_text(since_start=False).splitlines()
+    wanted = [line for line in lines if "kvshelf" in line or "ERROR" in line or "Error" in line]
+    path.write_text("\n".join(wanted[-3000:] + ["--- tail ---"] + lines[-60:]) + "\n")
+
+
+def settle_disk(path: Path, quiet_s: float = 3.0, timeout_s: float = 300.0) -> None:
+    """Wait until kvshelf's background disk writes stop."""
+    deadline, last, quiet_since = time.monotonic() + timeout_s, -1, time.monotonic()
+    while time.monotonic() < deadline:
+        size = sum(f.stat().st_size for f in path.rglob("*.kv")) if path.exists() else 0
+        if size != last:
+            last, quiet_since = size, time.monotonic()
+        elif time.monotonic() - quiet_since > quiet_s:
+            return
+        time.sleep(0.5)
+
+
+# -- report ------------------------------------------------------------------------------
+def median_ttft(results: Results, setup: str, size: str, phase: str) -> float | None:
+    values = [s.ttft_s for s in results.samples
+              if s.setup == setup and s.size == size and s.phase == phase]
+    return statistics.median(values) if values else None
+
+
+def table(results: Results, kv_bytes_per_token: int) -> list[dict]:
+    rows = []
+    sizes = sorted({s.size for s in results.samples}, key=lambda s: int(s[:-1]))
+    for size in sizes:
+        cold = median_ttft(results, "baseline", size, "cold")
+        floor = median_ttft(results, "baseline", size, "warm")
+        tokens = next((s.prompt_tokens for s in results.samples if s.size == size and s.prompt_tokens), 0)
+        copy_s = tokens * kv_bytes_per_token / (results.h2d_gbps * 1e9) if results.h2d_gbps else None
+        for setup in ("baseline", "simple_offload", "kvshelf", "kvshelf_disk", "lmcache"):
+            for phase in ("cold", "warm"):
+                value = median_ttft(results, setup, size, phase)
+                if value is None:
+                    continue
+                rows.append({
+                    "size": size, "prompt_tokens": tokens, "setup": setup, "phase": phase,
+                    "ttft_ms": round(value * 1e3, 1),
+                    "speedup_vs_cold": round(cold / value, 2) if cold else None,
+                    "target_ms": round((floor + 1.1 * copy_s) * 1e3, 1)
+                    if setup == "kvshelf" and phase == "warm" and floor and copy_s else None,
+                })
+    return rows
+
+
+def print_table(rows: list[dict], results: Results) -> None:
+    print(f"\n{results.model} on {results.device}: pinned H2D {results.h2d_gbps:.1f} GB/s, "
+          f"D2H {results.d2h_gbps:.1f} GB/s")
+    print(f"{'size':5s} {'tokens':>7s} {'setup':15s} {'phase':5s} {'TTFT ms':>9s} {'x cold':>7s} {'target ms':>9s}")
+    for r in rows:
+        print(f"{r['size']:5s} {r['prompt_tokens']:7d} {r['setup']:15s} {r['phase']:5s} "
+              f"{r['ttft_ms']:9.1f} {r['speedup_vs_cold'] or '':>7} {r['target_ms'] or '':>9}")
+    for setup, rates in results.load_gbps.items():
+        print(f"{setup} load: median {statistics.median(rates):.1f} GB/s over {len(rates)} loads")
+    for setup, t in results.throughput.items():
+        print(f"{setup} throughput: {t['tokens_per_s']:.0f} output tokens/s")
+    for setup, error in results.errors.items():
+        print(f"{setup} FAILED: {error}")
+
+
+def plot(rows: list[dict], results: Results, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({r["size"] for r in rows}, key=lambda s: int(s[:-1]))
+    fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.5), squeeze=False)
+    for ax, size in zip(axes[0], sizes):
+        chosen = [r for r in rows if r["size"] == size]
+        labels = [f"{r['setup']}\n{r['phase']}" for r in chosen]
+        ax.bar(labels, [r["ttft_ms"] for r in chosen],
+               color=["#888" if r["phase"] == "cold" else "#2a7" for r in chosen])
+        ax.set_title(f"{results.model}, {size} prompt ({chosen[0]['prompt_tokens']} tokens)")
+        ax.set_ylabel("TTFT, median (ms)")
+        ax.tick_params(axis="x", labelsize=7)
+    fig.suptitle(f"TTFT on {results.device} (grey: cold, green: warm)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/kvbench"))
+    parser.add_argument("--setups", default="baseline,kvshelf,kvshelf_disk,simple_offload,lmcache")
+    parser.add_argument("--sizes", default="8k,32k")
+    parser.add_argument("--kv-bytes-per-token", type=int, required=True)
+    parser.add_argument("--warm-repeats", type=int, default=5)
+    parser.add_argument("--smoke", action="store_true", help="CPU dry run with short prompts")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.smoke:
+        SIZES.update(SMOKE_SIZES)
+        results = Results(args.model_dir.name, "cpu (smoke)")
+    else:
+        import torch
+
+        results = Results(args.model_dir.name, torch.cuda.get_device_name())
+        results.h2d_gbps, results.d2h_gbps = pinned_copy_gbps()
+    words = (args.model_dir / "words.txt").read_text().split()
+    sizes = args.sizes.split(",")
+    servers: dict[str, VllmServer] = {}
+    try:
+        for setup in args.setups.split(","):
+            # vLLM's offloading and LMCache run at 8K only (their GPU/CPU sizing); kvshelf
+            # does 32K before 8K so the 8K prompts are the ones its disk budget keeps.
+            chosen = {"simple_offload": ["8k"], "lmcache": ["8k"], "kvshelf_disk": ["8k"],
+                      "kvshelf": sorted(sizes, key=lambda s: -int(s[:-1]))}.get(setup, sizes)
+            chosen = [s for s in chosen if s in sizes]
+            try:
+                run_setup(setup, args.model_dir, args.work, results, words, chosen,
+                          {"8k": 5, "32k": 3}, args.warm_repeats, servers, args.out)
+            except Exception as exc:  # one broken setup must not lose the others' numbers
+                results.errors[setup] = f"{type(exc).__name__}: {exc}"[-2000:]
+                print(f"!! {setup} failed: {exc}", flush=True)
+            write(results, args)  # after every setup: a run cut short keeps what it measured
+    finally:
+        for server in servers.values():
+            server.stop()
+    print_table(write(results, args), results)
+    return 0
+
+
+def write(results: Results, args: argparse.Namespace) -> list[dict]:
+    rows = table(results, args.kv_bytes_per_token)
+    payload = {**asdict(results), "rows": rows}
+    (args.out / f"ttft_{results.model}.json").write_text(json.dumps(payload, indent=1))
+    if rows:
+        plot(rows, results, args.out / f"ttft_{results.model}.png")
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main())
