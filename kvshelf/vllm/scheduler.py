@@ -259,7 +259,7 @@ def _media_ids_are_hashes(vllm_config: VllmConfig) -> bool:
     mm_config = vllm_config.model_config.multimodal_config
     return not (
         mm_config is not None
-        and mm_config.mm_processor_cache_gb == 0
+        and getattr(mm_config, "mm_processor_cache_gb", None) == 0
         and not vllm_config.cache_config.enable_prefix_caching
     )
 
