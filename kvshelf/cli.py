@@ -39,11 +39,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "repeat for several")
 
     args = parser.parse_args(argv)
-    if args.command == "bench":
-        from kvshelf.bench.command import main as bench_main
+    try:
+        if args.command == "bench":
+            from kvshelf.bench.command import main as bench_main
 
-        return bench_main(args)
-    return _admin(args)
+            return bench_main(args)
+        return _admin(args)
+    except KeyboardInterrupt:
+        print(f"kvshelf {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 def _admin(args: argparse.Namespace) -> int:

@@ -33,7 +33,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from kvshelf.bench.client import BenchError
-from kvshelf.bench.logs import request_lines
+from kvshelf.bench.logs import line_for, request_lines
 from kvshelf.bench.payloads import fit_filler, load_media
 from kvshelf.bench.report import make_console, plot_ttft, summarise, summary_table, write_json
 from kvshelf.bench.run import COLD, WARM, BenchSettings, Measurement, Prepared, client, send
@@ -62,8 +62,7 @@ DEMO_LABELS = {COLD: "cold (empty cache)", WARM: "warm (after a restart: kvshelf
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     console = make_console()
-    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the servers are stopped.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    _on_interrupt(console)
     began = time.monotonic()
     try:
         demo = Demo(args, console)
@@ -98,8 +97,17 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+def _on_interrupt(console: Console) -> None:
+    """Ctrl-C and SIGTERM (e.g. from `timeout`) say what happens, then unwind as
+    KeyboardInterrupt, which stops the server (a server still starting up may take its
+    30 s grace period to go)."""
+    def interrupt(signum: int, frame: Any) -> None:
+        console.print(f"[bold red]{signal.Signals(signum).name}[/]: stopping the vLLM server...")
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when ignored (&)
+        signal.signal(signal.SIGINT, interrupt)
 
 
 class Demo:
@@ -152,6 +160,7 @@ class Demo:
         name = f"{server.family}-{self.args.size}"
         vllm = VllmServer(self.models[server.family], args=self._server_args(server, name),
                           log_path=self.work / "logs" / f"{name}.log")
+        prepared: dict[str, Prepared] = {}  # sized once (cold), sent again unchanged (warm)
         try:
             for phase in (COLD, WARM):
                 if phase == COLD:
@@ -162,19 +171,23 @@ class Demo:
                 settings = BenchSettings(url=vllm.url, model=name, cache_salt=self.salt,
                                          max_tokens=self.args.max_tokens)
                 with client(settings) as http, self._progress() as progress:
-                    self._warm_up(http, settings, server, phase, progress)
+                    if not prepared:
+                        prepared = self._prepare(http, settings, server, types)
+                    self._warm_up(http, settings, prepared["warm-up"], phase, progress)
                     for request_type in types:
-                        task = progress.add_task(f"{phase} {request_type} request")
-                        item = self._prepare(http, settings, request_type)
-                        measurement = send(http, settings, name, item, phase=phase,
-                                           round_index=0, stream=0, run_id=self.salt)
-                        self.measurements.append(measurement)
-                        progress.update(task, completed=1, total=1, description=(
-                            f"{phase} {request_type}: TTFT {measurement.ttft_s:.3f} s, "
-                            f"{measurement.prompt_tokens} prompt tokens"))
+                        self._measure(http, settings, prepared[request_type], phase, progress)
                 self._collect_lines(vllm.log_text(since_start=True), phase)
         finally:  # on any exit, Ctrl-C included
             vllm.stop()
+
+    def _measure(self, http, settings: BenchSettings, item: Prepared, phase: str,
+                 progress: Progress) -> None:
+        task = progress.add_task(f"{phase} {item.request_type} request")
+        m = send(http, settings, settings.model or "", item, phase=phase, round_index=0,
+                 stream=0, run_id=self.salt)
+        self.measurements.append(m)
+        progress.update(task, completed=1, total=1, description=(
+            f"{phase} {item.request_type}: TTFT {m.ttft_s:.3f} s, {m.prompt_tokens} prompt tokens"))
 
     def _start(self, vllm, what: str, start) -> None:
         with self._progress() as progress:
@@ -193,40 +206,38 @@ class Demo:
         self.timings.setdefault("server_starts_s", 0.0)
         self.timings["server_starts_s"] += vllm.startup_s or 0.0
 
-    def _warm_up(self, http, settings: BenchSettings, server: DemoServer, phase: str,
+    def _warm_up(self, http, settings: BenchSettings, item: Prepared, phase: str,
                  progress: Progress) -> None:
         task = progress.add_task("warm-up request (other media, other cache_salt)")
-        media = [load_media(self.media[server.warmup_media])]
-        words, _ = fit_filler(http, settings.url, settings.model or "", media,
-                              self.args.prompt_tokens)
         warm_settings = BenchSettings(url=settings.url, model=settings.model,
                                       cache_salt=f"{self.salt}-warmup-{phase}",
                                       max_tokens=settings.max_tokens)
-        item = Prepared("warm-up", media, words, True)
-        measurement = send(http, warm_settings, settings.model or "", item, phase=phase,
-                           round_index=0, stream=0, run_id=self.salt)
-        self.warmups.append(measurement)
-        progress.update(task, completed=1, total=1,
-                        description=f"warm-up: TTFT {measurement.ttft_s:.3f} s")
+        m = send(http, warm_settings, settings.model or "", item, phase=phase, round_index=0,
+                 stream=0, run_id=self.salt)
+        self.warmups.append(m)
+        progress.update(task, completed=1, total=1, description=f"warm-up: TTFT {m.ttft_s:.3f} s")
 
-    def _prepare(self, http, settings: BenchSettings, request_type: str) -> Prepared:
-        as_file = request_type in FILE_URL_TYPES
-        media = [load_media(self.media[name], as_file_url=as_file)
-                 for name in MEDIA[request_type]]
-        words, exact = fit_filler(http, settings.url, settings.model or "", media,
-                                  self.args.prompt_tokens)
-        return Prepared(request_type, media, words, exact)
+    def _prepare(self, http, settings: BenchSettings, server: DemoServer,
+                 types: Sequence[str]) -> dict[str, Prepared]:
+        """Media and padding of the measured requests and the warm-up, by request type."""
+        media_names = {t: MEDIA[t] for t in types} | {"warm-up": (server.warmup_media,)}
+        out = {}
+        for request_type, names in media_names.items():
+            as_file = request_type in FILE_URL_TYPES
+            media = [load_media(self.media[n], as_file_url=as_file) for n in names]
+            words, exact = fit_filler(http, settings.url, settings.model or "", media,
+                                      self.args.prompt_tokens)
+            out[request_type] = Prepared(request_type, media, words, exact)
+        return out
 
     def _collect_lines(self, log_text: str, phase: str) -> None:
+        """Pair this run's requests with kvshelf's log lines (hit tokens)."""
         lines = request_lines(log_text)
-        for m in self.measurements:
+        for m in self.warmups + self.measurements:
             if m.phase == phase and m.log_line is None:
-                m.attach(next((ln for ln in reversed(lines) if ln.is_for(m.request_id)), None))
-                if m.log_line:
+                m.attach(line_for(lines, m.request_id))
+                if m.log_line and m in self.measurements:
                     self.log_lines.append((phase, m.log_line))
-        for m in self.warmups:
-            if m.phase == phase and m.log_line is None:
-                m.attach(next((ln for ln in reversed(lines) if ln.is_for(m.request_id)), None))
 
     def _server_args(self, server: DemoServer, name: str) -> list[str]:
         from kvshelf.testing import serve_args
@@ -262,7 +273,7 @@ class Demo:
         console.print(summary_table(
             summaries, f"kvshelf demo: TTFT of {self.args.prompt_tokens}-token prompts, "
                        f"size {self.args.size} ({self.args.dtype}), cold vs warm after a restart",
-            warm_label="TTFT warm"))
+            warm_label="TTFT warm (after restart)"))
         console.print("TTFT: request sent -> first streamed chunk with a generated token. "
                       "Warm: after a server restart, so the hit comes from kvshelf's disk tier.",
                       style="dim")
@@ -295,6 +306,8 @@ class Demo:
                 self.console.print(f"[bold red]{m.request_type}: the warm request found no "
                                    f"kvshelf hit[/] (log line: {m.log_line})")
                 ok = False
+        if self.args.size != "l":  # P1 is defined for size l (a >= 2 s cold prefill)
+            return ok
         for s in summaries:
             if s.request_type in P1_TYPES and s.ttft_cold_s and s.ttft_warm_s:
                 ratio = s.ttft_warm_s / s.ttft_cold_s
@@ -308,7 +321,7 @@ def _watch_log(vllm, progress: Progress, task, what: str, stop: threading.Event)
     """Show the server log's latest line beside the spinner while it starts."""
     while not stop.wait(0.5):
         tail = vllm.log_tail(1).strip()
-        if tail:
+        if tail and not tail.startswith("==="):  # not VllmServer's own start marker
             tail = tail.split("] ", 1)[-1][:70]
             progress.update(task, description=f"{what} [dim]({tail})[/]")
 

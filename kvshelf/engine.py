@@ -36,6 +36,7 @@ class EngineStats:
 
     verify_failures: int = 0  # entries whose check digest, size or shape was wrong
     saved_chunks: int = 0
+    dropped_saves: int = 0  # no memory-tier buffer for a save that needs one
 
 
 @dataclass
@@ -164,12 +165,20 @@ class CacheEngine:
             self.store.memory.unpin(hold.pinned)
 
     # -- saves -------------------------------------------------------------------
-    def new_entry(self, chunk: Chunk, dtype: str, shape: tuple[int, ...]) -> Entry:
+    def new_entry(
+        self, chunk: Chunk, dtype: str, shape: tuple[int, ...], fallback: bool = True
+    ) -> Entry | None:
         """An entry with an uninitialised payload for ``chunk``; fill it, then
-        :meth:`save` it. The buffer comes from the memory tier when it has room."""
+        :meth:`save` it. The buffer comes from the memory tier when it has room; else
+        from ordinary memory, or, without ``fallback``, none: the save is dropped and
+        counted (a GPU copy into unpinned memory would stall the step)."""
         nbytes = payload_bytes(dtype, shape)
         memory = self.store.memory
         block = memory.allocate(nbytes) if memory is not None else None
+        if block is None and not fallback:
+            with self._lock:
+                self.counters.dropped_saves += 1
+            return None
         if block is None:
             block = self._heap.alloc(nbytes)
         return Entry(self.key(chunk), chunk.check, chunk.num_tokens, dtype, shape, block.view, block)

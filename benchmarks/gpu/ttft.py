@@ -130,15 +130,15 @@ def setup_args(setup: str, work: Path, max_len: int) -> tuple[list[str], dict[st
     env: dict[str, str] = {}
     if setup == "baseline":
         return common, env
-    if setup == "simple_offload":
+    if setup == "simple_offload":  # 1400 blocks of 16 tokens: two 8K prompts fit, not five
+        common[common.index("--max-model-len") + 1] = "20000"
         return common + ["--num-gpu-blocks-override", "1400"] + kv_transfer(
             "SimpleCPUOffloadConnector", {"cpu_bytes_to_use": 40_000_000_000}
         ), env
-    if setup in ("kvshelf", "kvshelf_disk"):
-        extra = {
-            "cpu_bytes": "40GB", "disk_path": str(work / "kvshelf-disk"), "disk_bytes": "30GB",
-            "save_queue_bytes": "40GB", "log_level": "DEBUG",
-        }
+    if setup in ("kvshelf", "kvshelf_mem", "kvshelf_disk"):
+        extra = {"cpu_bytes": "40GB", "save_queue_bytes": "16GB", "log_level": "DEBUG"}
+        if setup != "kvshelf_mem":
+            extra.update(disk_path=str(work / "kvshelf-disk"), disk_bytes="30GB")
         return common + ["--no-enable-prefix-caching"] + kv_transfer(
             "KVShelfConnector", extra, kv_connector_module_path="kvshelf.vllm.connector"
         ), env
@@ -240,13 +240,13 @@ def run_setup(setup, model_dir, work, results, words, sizes, cold_prompts, warm_
                 measure(client, server, results, setup, words, size, prompts, "warm")
             else:
                 measure(client, server, results, setup, words, size, prompts[-1:], "warm", warm_repeats)
-        if setup in ("baseline", "kvshelf"):
+        if setup in ("baseline", "kvshelf", "kvshelf_mem"):
             results.throughput[setup] = throughput(server, words)
     loads = [int(b) / float(ms) / 1e6 for b, ms in _LOADED.findall(server.log_text(since_start=True))
              if float(ms) > 0 and int(b) > 1e8]
     if loads:
         results.load_gbps[setup] = loads
-    if setup == "kvshelf":
+    if setup == "kvshelf":  # kept for kvshelf_disk
         settle_disk(work / "kvshelf-disk")
     else:
         server.stop()
@@ -287,7 +287,8 @@ def table(results: Results, kv_bytes_per_token: int) -> list[dict]:
         floor = median_ttft(results, "baseline", size, "warm")
         tokens = next((s.prompt_tokens for s in results.samples if s.size == size and s.prompt_tokens), 0)
         copy_s = tokens * kv_bytes_per_token / (results.h2d_gbps * 1e9) if results.h2d_gbps else None
-        for setup in ("baseline", "simple_offload", "kvshelf", "kvshelf_disk", "lmcache"):
+        for setup in ("baseline", "simple_offload", "kvshelf", "kvshelf_mem", "kvshelf_disk",
+                      "lmcache"):
             for phase in ("cold", "warm"):
                 value = median_ttft(results, setup, size, phase)
                 if value is None:
@@ -297,7 +298,8 @@ def table(results: Results, kv_bytes_per_token: int) -> list[dict]:
                     "ttft_ms": round(value * 1e3, 1),
                     "speedup_vs_cold": round(cold / value, 2) if cold else None,
                     "target_ms": round((floor + 1.1 * copy_s) * 1e3, 1)
-                    if setup == "kvshelf" and phase == "warm" and floor and copy_s else None,
+                    if setup.startswith("kvshelf") and phase == "warm" and floor and copy_s
+                    else None,
                 })
     return rows
 
@@ -367,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
             # vLLM's offloading and LMCache run at 8K only (their GPU/CPU sizing); kvshelf
             # does 32K before 8K so the 8K prompts are the ones its disk budget keeps.
             chosen = {"simple_offload": ["8k"], "lmcache": ["8k"], "kvshelf_disk": ["8k"],
-                      "kvshelf": sorted(sizes, key=lambda s: -int(s[:-1]))}.get(setup, sizes)
+                      "kvshelf": sorted(sizes, key=lambda s: -int(s[:-1])),
+                      "kvshelf_mem": sorted(sizes, key=lambda s: -int(s[:-1]))}.get(setup, sizes)
             chosen = [s for s in chosen if s in sizes]
             try:
                 run_setup(setup, args.model_dir, args.work, results, words, chosen,

@@ -126,33 +126,39 @@ def plot_ttft(path: str | os.PathLike[str], measurements: Sequence[Measurement],
     num = max(len(groups), 1)
     fig, axes = plt.subplots(1, num, figsize=(3.2 * num + 1.0, 4.2), squeeze=False)
     for ax, (request_type, group) in zip(axes[0], groups.items()):
-        ttfts = [m.ttft_s for m in group]
-        bars = ax.bar(range(len(group)), ttfts, color=[_COLOURS[m.phase] for m in group],
-                      width=0.7)
-        ax.bar_label(bars, labels=[format_seconds(t) for t in ttfts], fontsize=8, padding=2)
-        ax.set_xticks(range(len(group)), [_tick(m, group) for m in group], fontsize=8)
-        tokens = _median_int([m.prompt_tokens for m in group])
-        models = ", ".join(dict.fromkeys(m.model for m in group))
-        subtitle = f"{models}, {tokens:,} prompt tokens" if tokens else models
-        ax.set_title(f"{request_type}\n{subtitle}", fontsize=9)
-        ax.set_ylim(0, max(ttfts) * 1.25)
-        summary = summarise(group)[0]
-        if summary.speedup is not None:
-            ax.text(0.97, 0.95, f"warm: {summary.speedup:.1f}× faster", transform=ax.transAxes,
-                    ha="right", va="top", fontsize=8, color=_COLOURS[WARM], fontweight="bold")
-        ax.grid(axis="y", alpha=0.3)
-        ax.set_xlabel("request (in send order)", fontsize=8)
-    axes[0][0].set_ylabel("TTFT (seconds, lower is better)")
+        _panel(ax, request_type, group)
     phases = [p for p in (COLD, WARM) if any(m.phase == p for m in measurements)]
     fig.legend(handles=[Patch(color=_COLOURS[p], label=phase_labels.get(p, p)) for p in phases],
                loc="upper right", fontsize=9, frameon=False)
-    fig.suptitle(title, x=0.01, ha="left", fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.suptitle(f"{title}\n(time to first token; lower is better)", x=0.01, ha="left",
+                 fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _panel(ax, request_type: str, group: Sequence[Measurement]) -> None:
+    """One request type's bars: TTFT per request in send order, coloured by phase."""
+    ttfts = [m.ttft_s for m in group]
+    bars = ax.bar(range(len(group)), ttfts, color=[_COLOURS[m.phase] for m in group], width=0.7)
+    ax.bar_label(bars, labels=[format_seconds(t) for t in ttfts], fontsize=8, padding=2)
+    ax.set_xticks(range(len(group)), [_tick(m, group) for m in group], fontsize=8)
+    tokens = _median_int([m.prompt_tokens for m in group])
+    models = ", ".join(dict.fromkeys(m.model for m in group))
+    subtitle = f"{models}, {tokens:,} prompt tokens" if tokens else models
+    ax.set_title(f"{request_type}\n{subtitle}", fontsize=9)
+    ax.set_ylim(0, max(ttfts) * 1.25)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_ylabel("TTFT (s)", fontsize=9)
+    ax.set_xlabel(_xlabel(group), fontsize=8)
+    speedup = summarise(group)[0].speedup
+    if speedup is not None:
+        medians = " (medians)" if len(group) > 2 else ""
+        ax.text(0.97, 0.95, f"warm{medians}: {speedup:.1f}× faster", transform=ax.transAxes,
+                ha="right", va="top", fontsize=8, color=_COLOURS[WARM], fontweight="bold")
 
 
 TTFT_DEFINITION = (
@@ -170,14 +176,19 @@ def format_seconds(value: float | None) -> str:
 
 
 def _tick(m: Measurement, group: Sequence[Measurement]) -> str:
-    streams = len({g.stream for g in group}) > 1
-    rounds = len({g.round for g in group}) > 1 and len({g.phase for g in group}) < len(group)
-    label = m.phase
-    if rounds:
-        label += f"\nround {m.round}"
-    if streams:
-        label += f"\nstream {m.stream}"
-    return label
+    if len(group) == len({g.phase for g in group}):  # one request per phase: name it
+        return m.phase
+    if len({g.stream for g in group}) > 1:
+        return f"{m.round}.{m.stream}"
+    return str(m.round)
+
+
+def _xlabel(group: Sequence[Measurement]) -> str:
+    if len(group) == len({g.phase for g in group}):
+        return ""
+    if len({g.stream for g in group}) > 1:
+        return "round.stream (round 0 is cold)"
+    return "round (0 is cold)"
 
 
 def _median(values: Sequence[float]) -> float | None:

@@ -21,7 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-MAX_RUNS = 16  # more runs of consecutive block ids than this: one gather/scatter op instead
+MAX_RUNS = 16  # CPU: more runs of consecutive block ids than this -> one indexed copy
+DIRECT_COPY_BYTES = 2 << 20  # GPU: copy runs directly when they average at least this
+STAGING_BYTES = 256 << 20  # GPU: bound on one staging buffer (per layer)
 
 
 class LayoutError(ValueError):
@@ -134,12 +136,23 @@ def block_runs(block_ids: Sequence[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
+@dataclass
+class CopyGroup:
+    """Items copied through one staging buffer on a GPU (``index`` is ``None``: direct)."""
+
+    items: list[tuple[torch.Tensor, int, list[int]]]  # (payload, first payload block, block ids)
+    index: torch.Tensor | None  # every item's block ids, concatenated, on the device
+    num_blocks: int
+
+
 class BlockCopier:
     """Copies whole blocks between raw cache views and entry payloads.
 
-    Payload tensors have :meth:`KVLayout.payload_shape` and live in host memory. With
-    ``non_blocking`` the copies are only enqueued on the current CUDA stream; the caller
-    synchronises.
+    Payload tensors have :meth:`KVLayout.payload_shape` and live in host memory. A step's
+    copies are planned once (:meth:`plan`) and run layer by layer. On a GPU, blocks whose
+    ids run consecutively in long stretches are copied directly; scattered ids go through
+    a device staging buffer and one gather/scatter kernel per layer, so copies stay large.
+    With ``non_blocking`` the copies are only enqueued on the current CUDA stream.
     """
 
     def __init__(self, layout: KVLayout, raws: Sequence[torch.Tensor]):
@@ -147,54 +160,95 @@ class BlockCopier:
         self.raws = list(raws)
         self.device = self.raws[0].device
         self.torch_dtype = self.raws[0].dtype
-        # One block of every layer (all outer slices), in bytes.
-        self.block_bytes = (
-            layout.num_layers * math.prod(layout.outer) * layout.row_elems
-            * self.raws[0].element_size()
-        )
+        item = self.raws[0].element_size()
+        self.layer_block_bytes = math.prod(layout.outer) * layout.row_elems * item
+        self.block_bytes = layout.num_layers * self.layer_block_bytes  # all layers
 
     def payload_view(self, buffer, num_tokens: int) -> torch.Tensor:
         """A tensor over an entry's payload buffer (no copy)."""
-        flat = torch.frombuffer(buffer, dtype=torch.uint8) if not torch.is_tensor(buffer) else buffer
+        flat = buffer if torch.is_tensor(buffer) else torch.frombuffer(buffer, dtype=torch.uint8)
         return flat.view(self.torch_dtype).view(self.layout.payload_shape(num_tokens))
 
-    def gather(
-        self, block_ids: Sequence[int], out: torch.Tensor, layers: Sequence[int] | None = None,
-        non_blocking: bool = False,
-    ) -> None:
-        """Copy ``block_ids`` of the given layers (default all) into payload ``out``."""
-        axis = self.layout.block_axis
-        runs = block_runs(block_ids)
-        index = None if len(runs) <= MAX_RUNS else self._index(block_ids)
-        for layer in range(self.layout.num_layers) if layers is None else layers:
-            raw, dst = self.raws[layer], out[layer]
-            if index is not None:
-                dst.copy_(raw.index_select(axis, index), non_blocking=non_blocking)
-                continue
-            for offset, first, length in runs:
-                dst.narrow(axis, offset, length).copy_(
-                    raw.narrow(axis, first, length), non_blocking=non_blocking
-                )
+    def plan(self, items: Sequence[tuple[torch.Tensor, int, Sequence[int]]]) -> list[CopyGroup]:
+        """Group ``(payload, first payload block, block ids)`` items for copying."""
+        items = [(p, first, list(ids)) for p, first, ids in items if ids]
+        num_blocks = sum(len(ids) for _, _, ids in items)
+        num_runs = sum(len(block_runs(ids)) for _, _, ids in items)
+        if self.device.type == "cpu" or not items:
+            return [CopyGroup([item], None, len(item[2])) for item in items]
+        if num_blocks / num_runs * self.layer_block_bytes >= DIRECT_COPY_BYTES:
+            return [CopyGroup(items, None, num_blocks)]
+        groups, current, size = [], [], 0
+        for item in items:  # bound the staging buffer
+            if current and (size + len(item[2])) * self.layer_block_bytes > STAGING_BYTES:
+                groups.append(current)
+                current, size = [], 0
+            current.append(item)
+            size += len(item[2])
+        groups.append(current)
+        return [self._staged_group(g) for g in groups]
 
-    def scatter(
-        self, payload: torch.Tensor, first_block: int, block_ids: Sequence[int],
-        layers: Sequence[int] | None = None, non_blocking: bool = False,
-    ) -> None:
-        """Write payload blocks ``first_block, first_block + 1, ...`` into ``block_ids``."""
-        axis = self.layout.block_axis
-        runs = block_runs(block_ids)
-        index = None if len(runs) <= MAX_RUNS else self._index(block_ids)
-        for layer in range(self.layout.num_layers) if layers is None else layers:
-            raw = self.raws[layer]
-            src = payload[layer].narrow(axis, first_block, len(block_ids))
-            if index is not None:
-                staged = src.to(self.device, non_blocking=non_blocking)
-                raw.index_copy_(axis, index, staged)
-                continue
-            for offset, first, length in runs:
-                raw.narrow(axis, first, length).copy_(
-                    src.narrow(axis, offset, length), non_blocking=non_blocking
-                )
+    def _staged_group(self, items) -> CopyGroup:
+        ids = [block for _, _, block_ids in items for block in block_ids]
+        index = torch.tensor(ids, dtype=torch.long)
+        if self.device.type == "cuda":  # pinned, so the copy is truly asynchronous
+            index = index.pin_memory().to(self.device, non_blocking=True)
+        return CopyGroup(items, index, len(ids))
 
-    def _index(self, block_ids: Sequence[int]) -> torch.Tensor:
-        return torch.tensor(block_ids, dtype=torch.long, device=self.device)
+    def gather(self, groups: list[CopyGroup], layer: int, non_blocking: bool = False) -> None:
+        """Copy every group's blocks of ``layer`` out of the cache into the payloads."""
+        axis, raw = self.layout.block_axis, self.raws[layer]
+        for group in groups:
+            if group.index is None:
+                for payload, first, ids in group.items:
+                    _copy_blocks(payload[layer], first, raw, ids, axis, to_cache=False,
+                                 non_blocking=non_blocking)
+                continue
+            staged = raw.index_select(axis, group.index)
+            offset = 0
+            for payload, first, ids in group.items:
+                payload[layer].narrow(axis, first, len(ids)).copy_(
+                    staged.narrow(axis, offset, len(ids)), non_blocking=non_blocking
+                )
+                offset += len(ids)
+
+    def scatter(self, groups: list[CopyGroup], layer: int, non_blocking: bool = False) -> None:
+        """Copy every group's payload blocks of ``layer`` into the cache."""
+        axis, raw = self.layout.block_axis, self.raws[layer]
+        for group in groups:
+            if group.index is None:
+                for payload, first, ids in group.items:
+                    _copy_blocks(payload[layer], first, raw, ids, axis, to_cache=True,
+                                 non_blocking=non_blocking)
+                continue
+            shape = list(raw.shape)
+            shape[axis] = group.num_blocks
+            staged = torch.empty(shape, dtype=raw.dtype, device=self.device)
+            offset = 0
+            for payload, first, ids in group.items:
+                staged.narrow(axis, offset, len(ids)).copy_(
+                    payload[layer].narrow(axis, first, len(ids)), non_blocking=non_blocking
+                )
+                offset += len(ids)
+            raw.index_copy_(axis, group.index, staged)
+
+
+def _copy_blocks(payload, first, raw, ids, axis, to_cache: bool, non_blocking: bool) -> None:
+    """Copy one item's blocks directly: a copy per run of consecutive ids, or (many short
+    runs, CPU) one indexed copy."""
+    runs = block_runs(ids)
+    if len(runs) > MAX_RUNS:
+        index = torch.tensor(ids, dtype=torch.long, device=raw.device)
+        part = payload.narrow(axis, first, len(ids))
+        if to_cache:
+            raw.index_copy_(axis, index, part.to(raw.device, non_blocking=non_blocking))
+        else:
+            part.copy_(raw.index_select(axis, index), non_blocking=non_blocking)
+        return
+    for offset, block, length in runs:
+        cache_part = raw.narrow(axis, block, length)
+        payload_part = payload.narrow(axis, first + offset, length)
+        if to_cache:
+            cache_part.copy_(payload_part, non_blocking=non_blocking)
+        else:
+            payload_part.copy_(cache_part, non_blocking=non_blocking)

@@ -37,6 +37,14 @@ class SaveItem:
     block_ids: list[int]  # source cache blocks
 
 
+def _load_plan(copier: BlockCopier, items: Sequence[LoadItem]):
+    return copier.plan([(i.payload, i.first_block, i.block_ids) for i in items])
+
+
+def _save_plan(copier: BlockCopier, items: Sequence[SaveItem]):
+    return copier.plan([(i.payload, 0, i.block_ids) for i in items])
+
+
 class SyncMover:
     """Synchronous copies; layer hooks do nothing."""
 
@@ -47,8 +55,9 @@ class SyncMover:
 
     def load(self, items: Sequence[LoadItem], forward_context: object = None) -> None:
         started = time.perf_counter()
-        for item in items:
-            self.copier.scatter(item.payload, item.first_block, item.block_ids)
+        groups = _load_plan(self.copier, items)
+        for layer in range(self.copier.layout.num_layers):
+            self.copier.scatter(groups, layer)
         self.last_load_s = time.perf_counter() - started
 
     def wait_layer(self, layer: int) -> None:
@@ -64,8 +73,10 @@ class SyncMover:
         return
 
     def finish_saves(self) -> None:
-        for item in self._saves:
-            self.copier.gather(item.block_ids, item.payload)
+        if self._saves:
+            groups = _save_plan(self.copier, self._saves)
+            for layer in range(self.copier.layout.num_layers):
+                self.copier.gather(groups, layer)
         self._saves = []
 
 
@@ -80,6 +91,7 @@ class CudaMover:
         self._layer_loaded: list[torch.cuda.Event | None] = [None] * self.num_layers
         self._load_span: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
         self._saves: list[SaveItem] = []
+        self._save_groups: list = []
         self._saved = [False] * self.num_layers
         self.last_load_s = 0.0
 
@@ -92,11 +104,9 @@ class CudaMover:
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(self.load_stream):
             begin.record(self.load_stream)
+            groups = _load_plan(self.copier, items)
             for layer in range(self.num_layers):
-                for item in items:
-                    self.copier.scatter(
-                        item.payload, item.first_block, item.block_ids, [layer], non_blocking=True
-                    )
+                self.copier.scatter(groups, layer, non_blocking=True)
                 event = torch.cuda.Event()
                 event.record(self.load_stream)
                 self._layer_loaded[layer] = event
@@ -126,6 +136,8 @@ class CudaMover:
     def begin_saves(self, items: Sequence[SaveItem]) -> None:
         self._saves = list(items)
         self._saved = [False] * self.num_layers
+        with torch.cuda.stream(self.save_stream):
+            self._save_groups = _save_plan(self.copier, self._saves)
 
     def save_layer(self, layer: int) -> None:
         if not self._saves or self._saved[layer]:
@@ -133,8 +145,7 @@ class CudaMover:
         self._saved[layer] = True
         self.save_stream.wait_stream(torch.cuda.current_stream(self.copier.device))
         with torch.cuda.stream(self.save_stream):
-            for item in self._saves:
-                self.copier.gather(item.block_ids, item.payload, [layer], non_blocking=True)
+            self.copier.gather(self._save_groups, layer, non_blocking=True)
 
     def finish_saves(self) -> None:
         """Copy layers the hooks did not reach, then wait for every device->host copy."""
@@ -149,6 +160,7 @@ class CudaMover:
                 self.save_layer(layer)
             self.save_stream.synchronize()
         self._saves = []
+        self._save_groups = []
 
 
 def _runs_layer_hooks(forward_context: object) -> bool:

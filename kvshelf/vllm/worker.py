@@ -67,6 +67,7 @@ class WorkerSide:
         )
         self.copier = BlockCopier(layout, raws)
         self.mover = make_mover(self.copier)
+        self._on_cpu = self.copier.device.type == "cpu"
         self._layer_index = _layer_indices(kv_caches, layout)
         namespace = Namespace(
             model=_model_id(self.vllm_config),
@@ -225,7 +226,9 @@ class WorkerSide:
                     logger.warning("request %s lost blocks before its save", spec.req_id)
                     break
                 shape = layout.payload_shape(chunk.num_tokens)
-                entry = self.engine.new_entry(chunk, layout.dtype, shape)
+                entry = self.engine.new_entry(chunk, layout.dtype, shape, fallback=self._on_cpu)
+                if entry is None:
+                    continue
                 entries.append(entry)
                 payload = self.copier.payload_view(_buffer(entry), chunk.num_tokens)
                 items.append(SaveItem(payload, spec.block_ids[blocks.start : blocks.stop]))
@@ -247,7 +250,7 @@ class WorkerSide:
         totals: dict[str, int | float] = {
             "kvshelf_verification_failures_total": engine.verify_failures,
             "kvshelf_saved_chunks_total": engine.saved_chunks,
-            "kvshelf_dropped_saves_total": queue.dropped_saves,
+            "kvshelf_dropped_saves_total": queue.dropped_saves + engine.dropped_saves,
             "kvshelf_load_failures_total": self._failed_blocks,
         }
         for tier, tokens in self._loaded_tokens.items():
