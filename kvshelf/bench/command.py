@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=0, metavar="N",
                         help="pad the text so the prompt has about N tokens (counted with the "
                              "server's /tokenize when it has one)")
+    parser.add_argument("--warmup", type=int, default=1, metavar="N",
+                        help="untimed text-only requests sent first (default: 1): a fresh vLLM "
+                             "server's first request is seconds slower whatever the cache")
     parser.add_argument("--max-tokens", type=_positive, default=8,
                         help="tokens to generate per request (default: %(default)s)")
     salt = parser.add_mutually_exclusive_group()
@@ -72,6 +75,9 @@ def main(args: argparse.Namespace) -> int:
         prompt_tokens=args.prompt_tokens,
         max_tokens=args.max_tokens,
         timeout_s=args.timeout,
+        warmup=args.warmup,
+        # "all" runs what the model takes; a type asked for by name must work
+        skip_rejected=args.chat_type == "all",
     )
     if args.no_cache_salt:
         settings.cache_salt = None
@@ -82,20 +88,28 @@ def main(args: argparse.Namespace) -> int:
         console.print(f"  {m.request_type:<13} {m.phase:<5} round {m.round} stream {m.stream}: "
                       f"TTFT {format_seconds(m.ttft_s)}, {m.prompt_tokens} prompt tokens")
 
-    console.print(f"kvshelf bench: {settings.url}, cache_salt {settings.cache_salt!r}")
+    console.print(f"kvshelf bench: {settings.url}, cache_salt {settings.cache_salt!r}, "
+                  f"{settings.warmup} untimed warm-up request(s) first")
     try:
-        model, measurements = run_bench(settings, on_result=progress)
+        model, measurements, warmups, skipped = run_bench(settings, on_result=progress)
         if args.server_log is not None:
             attach_log_lines(measurements, request_lines(_read_log(args.server_log)))
     except BenchError as exc:
         print(f"kvshelf bench: error: {exc}", file=sys.stderr)
+        return 1
+    for request_type, why in skipped:
+        console.print(f"[yellow]skipped {request_type}[/]: {why}", highlight=False)
+    if not measurements:
+        print("kvshelf bench: error: the model took none of the request types", file=sys.stderr)
         return 1
     if any(s.num_cold > 1 or s.num_warm > 1 for s in summarise(measurements)):
         console.print(requests_table(measurements, f"Requests ({model})"))
     console.print(summary_table(summarise(measurements), f"TTFT at {settings.url} ({model})"))
     console.print(f"TTFT: {TTFT_DEFINITION}.", style="dim")
     if args.json:
-        meta = {"kind": "kvshelf-bench", "model": model, "settings": settings_dict(settings)}
+        meta = {"kind": "kvshelf-bench", "model": model, "settings": settings_dict(settings),
+                "warmups": [vars(m) for m in warmups],
+                "skipped": [{"request_type": t, "why": why} for t, why in skipped]}
         console.print(f"wrote {write_json(args.json, measurements, meta)}")
     if args.plot:
         title = f"kvshelf bench: TTFT per request, {model} at {settings.url}"

@@ -134,12 +134,15 @@ def chat_body(
     media: Sequence[Media],
     *,
     filler_words: int = 0,
+    filler_seed: int = 0,
     max_tokens: int = 8,
     cache_salt: str | None = None,
     question: str = QUESTION,
 ) -> dict[str, Any]:
     """A ``/v1/chat/completions`` body: one user message, greedy decoding."""
-    text = f"{filler_text(filler_words)}\n{question}" if filler_words > 0 else question
+    text = question
+    if filler_words > 0:
+        text = f"{filler_text(filler_words, filler_seed)}\n{question}"
     content = [m.part() for m in media] + [{"type": "text", "text": text}]
     body: dict[str, Any] = {
         "model": model,

@@ -11,16 +11,17 @@ from __future__ import annotations
 import secrets
 import tempfile
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 
 from kvshelf.bench.client import (
     DEFAULT_TIMEOUT,
     BenchError,
+    ModalityRejected,
     StreamResult,
     list_models,
     stream_chat,
@@ -82,6 +83,15 @@ class BenchSettings:
     cache_salt: str | None = field(default_factory=lambda: secrets.token_hex(4))
     media_dir: Path | None = None  # where built-in media are generated
     timeout_s: float = 600.0
+    warmup: int = 1  # untimed text requests first: a fresh vLLM's first request costs ~2 s more
+    skip_rejected: bool = False  # skip types the model rejects (HTTP 400) instead of failing
+
+
+class BenchRun(NamedTuple):
+    model: str
+    measurements: list[Measurement]
+    warmups: list[Measurement]  # not in the results
+    skipped: list[tuple[str, str]]  # (request type, why) when skip_rejected
 
 
 @dataclass
@@ -92,6 +102,7 @@ class Prepared:
     media: list[Media]
     filler_words: int
     exact: bool  # the padding was counted by the server's /tokenize
+    filler_seed: int = 0  # another seed, another text: the warm-up shares no prefix
 
 
 def client(settings: BenchSettings) -> httpx.Client:
@@ -108,21 +119,16 @@ def resolve_model(http: httpx.Client, settings: BenchSettings) -> str:
     return models[0]
 
 
-def prepare(http: httpx.Client, settings: BenchSettings, model: str,
-            use_file_url: Callable[[str], bool] | None = None) -> list[Prepared]:
-    """Load the media and size the padding for every chat type (no chat request is sent).
-
-    ``use_file_url(request_type)`` overrides ``settings.file_urls`` per type.
-    """
+def prepare(http: httpx.Client, settings: BenchSettings, model: str) -> list[Prepared]:
+    """Load the media and size the padding for every chat type (no chat request is sent)."""
     types = list(settings.chat_types)
     unknown = [t for t in types if t not in REQUEST_TYPES]
     if unknown:
         raise BenchError(f"unknown chat type(s) {unknown}; choose from {list(REQUEST_TYPES)}")
-    by_file = use_file_url or (lambda _type: settings.file_urls)
     builtin_paths: dict[str, Path] = {}
     prepared = []
     for request_type in types:
-        as_file = by_file(request_type)
+        as_file = settings.file_urls
         given = [load_media(source, as_file_url=as_file) for source in settings.media]
         builtin: dict[str, Media] = {}
         if any(kind not in {m.kind for m in given} for kind in TYPE_MEDIA[request_type]):
@@ -143,7 +149,8 @@ def send(http: httpx.Client, settings: BenchSettings, model: str, item: Prepared
     """One timed request of a prepared prompt."""
     salt = None if settings.cache_salt is None else f"{settings.cache_salt}-{stream}"
     body = chat_body(model, item.media, filler_words=item.filler_words,
-                     max_tokens=settings.max_tokens, cache_salt=salt)
+                     filler_seed=item.filler_seed, max_tokens=settings.max_tokens,
+                     cache_salt=salt)
     request_id = f"kvb-{run_id}-{item.request_type}-s{stream}-r{round_index}-{phase}"
     result: StreamResult = stream_chat(http, settings.url, body, request_id)
     return Measurement(
@@ -154,31 +161,49 @@ def send(http: httpx.Client, settings: BenchSettings, model: str, item: Prepared
     )
 
 
-def run_bench(settings: BenchSettings, on_result: Callable[[Measurement], None] | None = None
-              ) -> tuple[str, list[Measurement]]:
-    """Send every chat type ``repeat`` rounds of ``concurrency`` requests; (model, results)."""
+def run_bench(settings: BenchSettings,
+              on_result: Callable[[Measurement], None] | None = None) -> BenchRun:
+    """Warm up, then send every chat type ``repeat`` rounds of ``concurrency`` requests."""
     if settings.repeat < 1 or settings.concurrency < 1:
         raise BenchError("--repeat and --concurrency must be at least 1")
     run_id = secrets.token_hex(3)
-    results: list[Measurement] = []
+    done = BenchRun("", [], [], [])
     with client(settings) as http:
         model = resolve_model(http, settings)
         prepared = prepare(http, settings, model)
+        done = done._replace(model=model)
+        warmup = _warmup_prompt(http, settings, model)
+        for index in range(settings.warmup):
+            done.warmups.append(send(http, settings, model, warmup, phase="warm-up",
+                                     round_index=index, stream=0, run_id=run_id))
         with ThreadPoolExecutor(settings.concurrency) as pool:
             for item in prepared:
-                for round_index in range(settings.repeat):
-                    phase = COLD if round_index == 0 else WARM
-                    futures = [
-                        pool.submit(send, http, settings, model, item, phase=phase,
-                                    round_index=round_index, stream=stream, run_id=run_id)
-                        for stream in range(settings.concurrency)
-                    ]
-                    for future in futures:
-                        measurement = future.result()
-                        results.append(measurement)
-                        if on_result is not None:
-                            on_result(measurement)
-    return model, results
+                try:
+                    for round_index in range(settings.repeat):
+                        phase = COLD if round_index == 0 else WARM
+                        futures = [
+                            pool.submit(send, http, settings, model, item, phase=phase,
+                                        round_index=round_index, stream=stream, run_id=run_id)
+                            for stream in range(settings.concurrency)
+                        ]
+                        wait(futures)  # all of the round, even if one failed
+                        for future in futures:
+                            done.measurements.append(future.result())
+                            if on_result is not None:
+                                on_result(done.measurements[-1])
+                except ModalityRejected as exc:
+                    if not settings.skip_rejected:
+                        raise
+                    done.skipped.append((item.request_type, str(exc)))
+    return done
+
+
+def _warmup_prompt(http: httpx.Client, settings: BenchSettings, model: str) -> Prepared:
+    """A text-only prompt as long as the others but of other words (no shared prefix)."""
+    words, exact = 0, True
+    if settings.prompt_tokens > 0 and settings.warmup > 0:
+        words, exact = fit_filler(http, settings.url, model, [], settings.prompt_tokens)
+    return Prepared("warm-up", [], words, exact, filler_seed=1)
 
 
 def attach_log_lines(measurements: Sequence[Measurement], lines: list[RequestLine]) -> None:

@@ -119,6 +119,10 @@ class HostMemory(ABC):
     def free(self, block: HostBlock) -> None:
         """Give a block back. It must not be used afterwards."""
 
+    def charge(self, nbytes: int) -> int:
+        """Bytes of memory a block of ``nbytes`` really takes (a slot allocator rounds up)."""
+        return nbytes
+
 
 class HeapMemory(HostMemory):
     """Ordinary process memory; freeing is left to the garbage collector."""

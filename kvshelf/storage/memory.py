@@ -38,8 +38,9 @@ class MemoryStore(Store):
     def allocate(self, nbytes: int) -> HostBlock | None:
         """A buffer counted against the budget, evicting unpinned LRU entries to make
         room. ``None`` when the budget cannot fit it (too big, or everything pinned)."""
+        charge = self.host.charge(nbytes)
         with self._lock:
-            victims = self._make_room(nbytes)
+            victims = self._make_room(charge)
             if victims is None:
                 return None
             # Hand out an evicted buffer of the same size rather than fresh memory: new
@@ -51,8 +52,10 @@ class MemoryStore(Store):
             if reused is not None:
                 return reused  # its bytes stay counted in _used, now as a buffer
             block = self.host.alloc(nbytes)
+            while block is None and self._evict_one():  # the allocator ran dry first
+                block = self.host.alloc(nbytes)
             if block is not None:
-                self._used += nbytes
+                self._used += charge
             return block
 
     def discard(self, block: HostBlock) -> None:
@@ -198,13 +201,22 @@ class MemoryStore(Store):
                 break
             if not self._pins[key]:
                 victims.append(key)
-                freed += entry.nbytes
+                freed += self.host.charge(entry.nbytes)
         if self._used - freed + nbytes > self.capacity_bytes:
             return None
         self._counters.add(evictions=len(victims))
         return [self._entries.pop(key).owner for key in victims]
 
+    def _evict_one(self) -> bool:  # holds lock
+        """Evict the least recently used unpinned entry; False if there is none."""
+        key = next((k for k in self._entries if not self._pins[k]), None)
+        if key is None:
+            return False
+        self._release(self._entries.pop(key).owner)
+        self._counters.add(evictions=1)
+        return True
+
     def _release(self, block: object) -> None:  # holds lock
         if isinstance(block, HostBlock) and block.memory is self.host:
-            self._used -= block.view.nbytes
+            self._used -= self.host.charge(block.view.nbytes)
             self.host.free(block)

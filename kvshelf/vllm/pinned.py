@@ -46,6 +46,9 @@ class PinnedMemory(HostMemory):
         view = slot[:nbytes]
         return HostBlock(memoryview(view.numpy()), self, view)
 
+    def charge(self, nbytes: int) -> int:
+        return self.slot_bytes if nbytes <= self.slot_bytes else nbytes
+
     def free(self, block: HostBlock) -> None:
         view = block.handle
         assert isinstance(view, torch.Tensor)

@@ -103,6 +103,8 @@ class SchedulerSide:
         hit = self._lookup(request.request_id, state.plan)
         if hit is None:
             return None, False  # a worker is still reading; vLLM asks again next step
+        if hit < self.block_size:
+            hit = 0  # loading a block to skip a few tokens of compute costs more than it saves
         state.hit_tokens = hit
         # vLLM must compute at least the last token itself to produce logits.
         usable = min(hit, request.num_tokens - 1)

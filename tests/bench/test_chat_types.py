@@ -40,9 +40,11 @@ def test_each_chat_type_returns_a_ttft(ovis, chat_type):
     settings = BenchSettings(url=ovis.url, chat_types=[chat_type], repeat=2,
                              media_dir=ovis.media["image_a"].parent)
 
-    model, results = run_bench(settings)
+    run = run_bench(settings)
 
-    assert model == "ovis2_5"  # found through /v1/models
+    assert run.model == "ovis2_5"  # found through /v1/models
+    assert len(run.warmups) == 1  # sent first, kept out of the results
+    results = run.measurements
     assert [m.phase for m in results] == [COLD, WARM]
     for m in results:
         assert 0 < m.ttft_s <= m.total_s
@@ -58,7 +60,7 @@ def test_prompt_tokens_pads_to_the_length_and_server_log_gives_hits(ovis):
     settings = BenchSettings(url=ovis.url, model="ovis2_5", chat_types=["single-image"],
                              prompt_tokens=700, media_dir=ovis.media["image_a"].parent)
 
-    _, results = run_bench(settings)
+    results = run_bench(settings).measurements
 
     # /tokenize counts the media placeholders too, so the padding lands on the token.
     assert [m.prompt_tokens for m in results] == [700, 700]
@@ -70,9 +72,10 @@ def test_prompt_tokens_pads_to_the_length_and_server_log_gives_hits(ovis):
 
 
 def test_concurrent_prompts_are_distinct_and_all_timed(ovis):
-    settings = BenchSettings(url=ovis.url, chat_types=["text-only"], repeat=2, concurrency=3)
+    settings = BenchSettings(url=ovis.url, chat_types=["text-only"], repeat=2, concurrency=3,
+                             warmup=0)
 
-    _, results = run_bench(settings)
+    results = run_bench(settings).measurements
 
     assert len(results) == 6
     assert len({m.request_id for m in results}) == 6

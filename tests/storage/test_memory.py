@@ -219,13 +219,20 @@ class CountingHost(HostMemory):
         block.view = memoryview(b"")
 
 
-def test_an_exhausted_allocator_is_a_failed_allocation():
+def test_an_exhausted_allocator_evicts_or_fails():
     host = CountingHost(150)
     store = MemoryStore(1000, host)
     assert store.put([entry(1)]) == 1
-    assert store.allocate(100) is None
-    assert store.stats().used_bytes == 100
-    store.delete([key(1)])
+    # The allocator runs dry before the budget does: the unpinned LRU entry makes room.
+    block = store.allocate(100)
+    assert block is not None and store.contains([key(1)]) == [False]
+    store.discard(block)
+    # With everything pinned there is nothing to evict: the allocation fails.
+    assert store.put([entry(2)]) == 1
+    with store.pinned([key(2)]):
+        assert store.allocate(100) is None
+        assert store.stats().used_bytes == 100
+    store.delete([key(2)])
     assert host.live_bytes == 0
 
 
@@ -384,3 +391,36 @@ def test_allocate_frees_evicted_buffers_of_other_sizes():
     block = store.allocate(200)  # evicts both, reuses neither
     assert block is not None and block.view.nbytes == 200
     assert store.stats().used_bytes == 200
+
+
+class SlotMemory(HostMemory):
+    """Fixed-size slots, like the pinned allocator: every block takes a whole slot."""
+
+    def __init__(self, slot_bytes: int, slots: int):
+        self.slot_bytes = slot_bytes
+        self.free_slots = slots
+
+    def alloc(self, nbytes: int) -> HostBlock | None:
+        if nbytes > self.slot_bytes or self.free_slots == 0:
+            return None
+        self.free_slots -= 1
+        return HostBlock(memoryview(bytearray(nbytes)), self)
+
+    def free(self, block: HostBlock) -> None:
+        self.free_slots += 1
+
+    def charge(self, nbytes: int) -> int:
+        return self.slot_bytes
+
+
+def test_a_slot_allocator_is_charged_whole_slots_and_never_runs_dry():
+    """Regression: partial entries counted at their own size let the budget think there
+    was room while the slot allocator had none, so every later save was dropped."""
+    memory = MemoryStore(capacity_bytes=1000, host=SlotMemory(slot_bytes=100, slots=9))
+    for i in range(30):  # small entries: each still takes a 100-byte slot
+        block = memory.allocate(10 if i % 2 else 100)
+        assert block is not None, f"allocation {i} failed"
+        size = block.view.nbytes
+        memory.insert(Entry(key(i), bytes(32), 1, "uint8", (size,), block.view, block))
+    stats = memory.stats()
+    assert stats.used_bytes <= 900 and stats.entries <= 9 and stats.evictions > 0
