@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 logger = logging.getLogger("kvshelf.scheduler")
+MIN_HIT_TOKENS = 16
 
 
 @dataclass
@@ -103,8 +104,8 @@ class SchedulerSide:
         hit = self._lookup(request.request_id, state.plan)
         if hit is None:
             return None, False  # a worker is still reading; vLLM asks again next step
-        if hit < self.block_size:
-            hit = 0  # loading a block to skip a few tokens of compute costs more than it saves
+        if hit < MIN_HIT_TOKENS:
+            hit = 0  # loading KV to skip a handful of tokens costs more than it saves
         state.hit_tokens = hit
         # vLLM must compute at least the last token itself to produce logits.
         usable = min(hit, request.num_tokens - 1)
