@@ -88,9 +88,8 @@ def test_redis_faults_cost_hits_never_requests(model, media):
             for seed in (1, 2, 3, 1):
                 assert ask(seed).hit_tokens < cold.prompt_tokens - CHUNK_SIZE
             down = scrape(server)
-            assert down[("kvshelf_errors_total", "remote")] + down[
-                ("kvshelf_timeouts_total", "remote")
-            ] > 0
+            failures = [("kvshelf_errors_total", "remote"), ("kvshelf_timeouts_total", "remote")]
+            assert sum(down.get(name, 0) for name in failures) > 0
 
             # Back (empty: no persistence): saves resume once the backoff allows, then hits.
             redis.start()
