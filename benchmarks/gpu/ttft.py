@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 run_setup(setup, args.model_dir, args.work, results, words, chosen,
                           {"8k": 5, "32k": 3}, args.warm_repeats, servers, args.out)
-            except Exception as exc:  # one broken setup must not lose the others' numbers
+            except Exception as exc:  # noqa: BLE001 - one broken setup must not lose the rest
                 results.errors[setup] = f"{type(exc).__name__}: {exc}"[-2000:]
                 print(f"!! {setup} failed: {exc}", flush=True)
             write(results, args)  # after every setup: a run cut short keeps what it measured

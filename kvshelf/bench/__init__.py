@@ -11,13 +11,14 @@ from kvshelf.bench.client import (
 )
 from kvshelf.bench.logs import RequestLine, request_lines
 from kvshelf.bench.payloads import REQUEST_TYPES, Media, chat_body, load_media
-from kvshelf.bench.run import COLD, WARM, BenchSettings, Measurement, run_bench
+from kvshelf.bench.run import COLD, WARM, BenchRun, BenchSettings, Measurement, run_bench
 
 __all__ = [
     "COLD",
     "REQUEST_TYPES",
     "WARM",
     "BenchError",
+    "BenchRun",
     "BenchSettings",
     "Measurement",
     "Media",

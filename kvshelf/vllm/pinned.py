@@ -47,7 +47,7 @@ class PinnedMemory(HostMemory):
         return HostBlock(memoryview(view.numpy()), self, view)
 
     def charge(self, nbytes: int) -> int:
-        return self.slot_bytes if nbytes <= self.slot_bytes else nbytes
+        return max(self.slot_bytes, nbytes)
 
     def free(self, block: HostBlock) -> None:
         view = block.handle

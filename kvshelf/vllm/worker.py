@@ -27,7 +27,7 @@ from kvshelf.lookup import LookupServer, WorkerLookup, socket_path
 from kvshelf.vllm.layout import BlockCopier, KVLayout, discover_layout
 from kvshelf.vllm.metrics import series
 from kvshelf.vllm.movers import LoadItem, SaveItem, make_mover
-from kvshelf.vllm.scheduler import KVShelfMetadata, LoadSpec, SaveSpec
+from kvshelf.vllm.scheduler import KVShelfMetadata, LoadSpec
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -115,13 +115,13 @@ class WorkerSide:
         for spec in meta.loads:
             try:
                 items.extend(self._load_items(spec))
-            except (RuntimeError, ValueError) as exc:  # never crash the engine: recompute
-                logger.exception("load of request %s failed: %s", spec.req_id, exc)
+            except (RuntimeError, ValueError):  # never crash the engine: recompute
+                logger.exception("load of request %s failed", spec.req_id)
                 self._fail(spec, spec.start // self.copier.layout.block_size)
         try:
             self.mover.load(items, forward_context)
-        except RuntimeError as exc:
-            logger.exception("KV copy into the cache failed: %s", exc)
+        except RuntimeError:
+            logger.exception("KV copy into the cache failed")
             for spec in meta.loads:
                 self._fail(spec, spec.start // self.copier.layout.block_size)
         # The copies are enqueued (CUDA) or done (CPU); the holds go when the step ends.
@@ -188,8 +188,8 @@ class WorkerSide:
             if meta.saves:
                 self._begin_saves(meta)
             self.mover.finish_saves()
-        except RuntimeError as exc:  # a dropped save is only a future miss
-            logger.exception("saving KV failed: %s", exc)
+        except RuntimeError:  # a dropped save is only a future miss
+            logger.exception("saving KV failed")
             self._drop_saves()
         else:
             if self._saving is not None:
