@@ -9,7 +9,9 @@ own prefix cache is gone, kvshelf's disk tier is not) and sends the same request
 
 After every start, one warm-up request (other media of the server's modality, another
 ``cache_salt``, so it shares no cache entry with the measured requests) takes the first-request
-costs of a fresh process (kernel set-up, first media decode) out of both measurements.
+costs of a fresh vLLM process (~2 s, with or without kvshelf) out of both measurements, and
+before each measured request the demo waits until the disk tier stops growing, so the previous
+request's background saves do not compete with it for the CPU.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from kvshelf.admin import stats
 from kvshelf.bench.client import BenchError
 from kvshelf.bench.logs import line_for, request_lines
 from kvshelf.bench.payloads import fit_filler, load_media
@@ -175,10 +178,23 @@ class Demo:
                         prepared = self._prepare(http, settings, server, types)
                     self._warm_up(http, settings, prepared["warm-up"], phase, progress)
                     for request_type in types:
+                        self._settle()
                         self._measure(http, settings, prepared[request_type], phase, progress)
                 self._collect_lines(vllm.log_text(since_start=True), phase)
         finally:  # on any exit, Ctrl-C included
             vllm.stop()
+
+    def _settle(self, timeout_s: float = 10.0) -> None:
+        """Wait until the disk tier stops growing: the previous request's chunks are saved
+        (in the background), so they do not compete with the next request for the 2 cores."""
+        last = -1
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            now = stats(str(self.cache_dir)).bytes
+            if now == last:
+                return
+            last = now
+            time.sleep(0.3)
 
     def _measure(self, http, settings: BenchSettings, item: Prepared, phase: str,
                  progress: Progress) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvshelf.testing import VllmServer, build_model, free_port, make_media
+from kvshelf.testing import VllmServer, build_model, free_port
 from tests.vllm.support import (
     CHUNK_SIZE,
     Client,
@@ -29,10 +29,6 @@ CASES = [
 ]
 FILLER = 500  # tokens of text after the media: prompts span several chunks
 
-
-@pytest.fixture(scope="session")
-def media(tmp_path_factory):
-    return make_media(tmp_path_factory.mktemp("media"))
 
 
 @pytest.mark.parametrize(("family", "request_type", "items"), CASES, ids=[c[0] for c in CASES])
@@ -100,8 +96,8 @@ def test_hits_after_restart_are_exact_and_keyed_by_content(
         assert ask(client, [first]).same_answer(cold)
 
 
-def test_swapped_images_hit_only_up_to_the_first_difference(media, tmp_path):
-    model = build_model("idefics3", tmp_path / "model", size="xs", dtype="float32")
+def test_swapped_images_hit_only_up_to_the_first_difference(idefics3, media, tmp_path):
+    model = idefics3
     kv = {"local_disk": str(tmp_path / "cache"), "local_cpu": False}
     server = VllmServer(model, port=free_port(), args=server_args("idefics3", kv, "--no-enable-prefix-caching"))
     with server:

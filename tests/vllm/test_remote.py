@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from kvshelf.testing import VllmServer, build_model, free_port, make_media
+from kvshelf.testing import VllmServer, free_port
 from kvshelf.testing.redis_server import RedisServer, find_server_binary
 from tests.vllm.support import CHUNK_SIZE, Client, scrape, server_args, wait_for_metric
 
@@ -18,14 +18,6 @@ pytestmark = [
 FILLER = 400
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return build_model("idefics3", tmp_path_factory.mktemp("model"), size="xs", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def media(tmp_path_factory):
-    return make_media(tmp_path_factory.mktemp("media"))
 
 
 def remote_server(model, url: str, **kv) -> VllmServer:
@@ -49,10 +41,10 @@ def settle_keys(redis: RedisServer, quiet_s: float = 1.0, timeout_s: float = 30)
         return last
 
 
-def test_a_prompt_computed_on_one_server_hits_on_another(model, media, tmp_path):
+def test_a_prompt_computed_on_one_server_hits_on_another(idefics3, media, tmp_path):
     with RedisServer() as redis:
-        a = remote_server(model, redis.url, local_disk=str(tmp_path / "a"))
-        b = remote_server(model, redis.url, local_disk=str(tmp_path / "b"))
+        a = remote_server(idefics3, redis.url, local_disk=str(tmp_path / "a"))
+        b = remote_server(idefics3, redis.url, local_disk=str(tmp_path / "b"))
         with a, b:
             on_a = Client(a).ask("multi-image", media, filler_tokens=FILLER)
             assert on_a.status == 200 and on_a.hit_tokens == 0
@@ -66,10 +58,10 @@ def test_a_prompt_computed_on_one_server_hits_on_another(model, media, tmp_path)
             assert metrics[("kvshelf_read_bytes_total", "remote")] > 0
 
 
-def test_redis_faults_cost_hits_never_requests(model, media):
+def test_redis_faults_cost_hits_never_requests(idefics3, media):
     # Remote tier only: every hit must come from Redis.
     with RedisServer() as redis:
-        server = remote_server(model, redis.url, local_cpu=False)
+        server = remote_server(idefics3, redis.url, local_cpu=False)
         with server:
             client = Client(server)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvshelf.testing import VllmServer, build_model, free_port, make_media
+from kvshelf.testing import VllmServer, free_port
 from tests.vllm.support import (
     CHUNK_SIZE,
     Client,
@@ -19,18 +19,10 @@ pytestmark = pytest.mark.vllm
 FILLER = 600
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return build_model("idefics3", tmp_path_factory.mktemp("model"), size="xs", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def media(tmp_path_factory):
-    return make_media(tmp_path_factory.mktemp("media"))
 
 
 @pytest.mark.parametrize("policy", ["recompute", "fail"])
-def test_load_failures_follow_the_policy_and_never_kill_the_engine(policy, model, media, tmp_path):
+def test_load_failures_follow_the_policy_and_never_kill_the_engine(policy, idefics3, media, tmp_path):
     # Prefetch off: lookups only check that entries exist and loads read them, so a
     # corrupt entry is found at load time and reported to vLLM as failed blocks.
     disk = tmp_path / "cache"
@@ -39,7 +31,7 @@ def test_load_failures_follow_the_policy_and_never_kill_the_engine(policy, model
         "idefics3", kv, "--no-enable-prefix-caching", module_path=True,
         kv_load_failure_policy=policy,
     )
-    with VllmServer(model, port=free_port(), args=args) as server:
+    with VllmServer(idefics3, port=free_port(), args=args) as server:
         client = Client(server)
         cold = client.ask("text-only", media, filler_tokens=FILLER)
         assert cold.status == 200 and cold.hit_tokens == 0
@@ -61,13 +53,13 @@ def test_load_failures_follow_the_policy_and_never_kill_the_engine(policy, model
         assert client.ask("single-image", media, filler_tokens=50).status == 200
 
 
-def test_prefix_caching_on_and_chunked_prefill(model, media, tmp_path):
+def test_prefix_caching_on_and_chunked_prefill(idefics3, media, tmp_path):
     # A prompt longer than --max-num-batched-tokens is computed over several steps; it
     # must be saved whole and loaded whole. vLLM's own prefix caching stays on.
     disk = tmp_path / "cache"
     kv = {"local_disk": str(disk)}
     args = server_args("idefics3", kv, "--max-num-batched-tokens", "256")
-    with VllmServer(model, port=free_port(), args=args) as server:
+    with VllmServer(idefics3, port=free_port(), args=args) as server:
         client = Client(server)
         cold = client.ask("single-image", media, filler_tokens=1500)
         assert cold.status == 200 and cold.prompt_tokens > 1500 and cold.hit_tokens == 0
@@ -86,12 +78,12 @@ def test_prefix_caching_on_and_chunked_prefill(model, media, tmp_path):
         assert settled_files(disk) == files
 
 
-def test_request_scoped_media_ids_are_never_keys(model, media, tmp_path):
+def test_request_scoped_media_ids_are_never_keys(idefics3, media, tmp_path):
     # With vLLM's processor cache and prefix caching both off, media ids are per
     # request: such requests must not be cached (a warning says why), text still is.
     kv = {"local_disk": str(tmp_path / "cache")}
     args = server_args("idefics3", kv, "--no-enable-prefix-caching", "--mm-processor-cache-gb", "0")
-    with VllmServer(model, port=free_port(), args=args) as server:
+    with VllmServer(idefics3, port=free_port(), args=args) as server:
         client = Client(server)
         first = client.ask("single-image", media, filler_tokens=300)
         second = client.ask("single-image", media, filler_tokens=300)
