@@ -152,11 +152,11 @@ def _namespace_dirs(root: Path) -> list[Path]:
 
 def _entry_files(ns_dir: Path) -> Iterator[tuple[Path, os.stat_result]]:
     # The tier's own parser decides what an entry file is.
-    from kvshelf.storage.disk import _key_from_name
+    from kvshelf.storage.disk import key_from_name
 
     for fan in _subdirs(ns_dir):
         for item in os.scandir(fan):
-            if _key_from_name(ns_dir.name, item.name) is None:
+            if key_from_name(ns_dir.name, item.name) is None:
                 continue
             try:
                 yield Path(item.path), item.stat()
@@ -279,7 +279,7 @@ def _redis_client(url: str):
         # longer timeout: a SCAN page of a big database can take a moment.
         config = load_config({"remote_url": url, "remote_timeout_s": 10.0})
         store = open_remote(config)
-        client = store._get_client()  # the store has no public client (yet)
+        client = store.client()
     except (ConfigError, ValueError) as exc:
         raise AdminError(str(exc)) from None
     except redis.exceptions.RedisError as exc:

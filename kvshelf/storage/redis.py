@@ -449,7 +449,7 @@ class RedisStore(Store):
 
     def _scan_parts(self, key: StoreKey) -> list[bytes]:
         try:
-            found = self._get_client().scan_iter(match=f"{_tag(key)}:*", count=1000)
+            found = self.client().scan_iter(match=f"{_tag(key)}:*", count=1000)
             return [k for k in found if not k.endswith(b":h")]
         except _UNREACHABLE as exc:
             self._unreachable(exc)
@@ -460,7 +460,7 @@ class RedisStore(Store):
         """One pipelined round trip; ``None`` when the server is unreachable (counted).
         A command the server rejected answers with its exception instance."""
         try:
-            pipe = self._get_client().pipeline(transaction=False)
+            pipe = self.client().pipeline(transaction=False)
             for command in commands:
                 pipe.execute_command(*command)
             results = pipe.execute(raise_on_error=False)
@@ -477,7 +477,8 @@ class RedisStore(Store):
         self._link.succeeded()
         return results
 
-    def _get_client(self) -> Client:
+    def client(self) -> Client:
+        """The redis-py client (made on first use); for admin tools that scan keys."""
         with self._lock:
             if self._client is None:
                 self._client = self._connect()

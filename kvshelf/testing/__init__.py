@@ -1,53 +1,42 @@
-"""Offline tiny multimodal models, test media and a vLLM server launcher for tests and demos."""
+"""Offline tiny multimodal models, test media and a vLLM server launcher for tests and demos.
 
-from kvshelf.testing.media import MEDIA, make_media, mime_type
-from kvshelf.testing.models import (
-    FAMILIES,
-    FAMILY_MODALITIES,
-    FAMILY_REQUEST_TYPES,
-    SIZES,
-    SizePreset,
-    build_model,
-    read_build_info,
-    serve_args,
-)
-from kvshelf.testing.requests import (
-    REQUEST_TYPES,
-    build_content,
-    build_messages,
-    chat_request,
-    data_url,
-    file_url,
-    filler_text,
-    input_audio_part,
-    media_part,
-)
-from kvshelf.testing.server import ServerStartError, VllmServer, free_port
-from kvshelf.testing.tokenizer import build_tokenizer
+Names load on first use: importing one submodule (say the media) does not pull in
+transformers, which only the model builders need.
+"""
 
-__all__ = [
-    "FAMILIES",
-    "FAMILY_MODALITIES",
-    "FAMILY_REQUEST_TYPES",
-    "MEDIA",
-    "REQUEST_TYPES",
-    "SIZES",
-    "ServerStartError",
-    "SizePreset",
-    "VllmServer",
-    "build_content",
-    "build_messages",
-    "build_model",
-    "build_tokenizer",
-    "chat_request",
-    "data_url",
-    "file_url",
-    "filler_text",
-    "free_port",
-    "input_audio_part",
-    "make_media",
-    "media_part",
-    "mime_type",
-    "read_build_info",
-    "serve_args",
-]
+from importlib import import_module
+
+_WHERE = {
+    "MEDIA": "media",
+    "make_media": "media",
+    "mime_type": "media",
+    "FAMILIES": "models",
+    "FAMILY_MODALITIES": "models",
+    "FAMILY_REQUEST_TYPES": "models",
+    "SIZES": "models",
+    "SizePreset": "models",
+    "build_model": "models",
+    "read_build_info": "models",
+    "serve_args": "models",
+    "REQUEST_TYPES": "requests",
+    "build_content": "requests",
+    "build_messages": "requests",
+    "chat_request": "requests",
+    "data_url": "requests",
+    "file_url": "requests",
+    "filler_text": "requests",
+    "input_audio_part": "requests",
+    "media_part": "requests",
+    "ServerStartError": "server",
+    "VllmServer": "server",
+    "free_port": "server",
+    "build_tokenizer": "tokenizer",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'kvshelf.testing' has no attribute {name!r}")
+    return getattr(import_module(f"kvshelf.testing.{_WHERE[name]}"), name)

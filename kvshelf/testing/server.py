@@ -26,6 +26,7 @@ from typing import IO, Self
 # and unbuffered output keeps the log current when a start-up fails.
 DEFAULT_ENV: dict[str, str] = {"VLLM_CPU_KVCACHE_SPACE": "2", "PYTHONUNBUFFERED": "1"}
 LOG_TAIL_LINES = 40
+STARTING_GRACE_S = 3.0
 
 # Runs first in the child and execs the server: asks Linux to SIGTERM the server when the thread
 # that started it dies, so a SIGKILLed or crashed test runner leaves no server behind (the
@@ -133,18 +134,20 @@ class VllmServer:
         try:
             self._wait_healthy(began)
         except BaseException:
-            # Also on KeyboardInterrupt: never leave a half-started server behind.
-            self.stop()
+            # Also on KeyboardInterrupt: never leave a half-started server behind. A server
+            # still starting ignores SIGTERM, so do not wait the full grace for it.
+            self.stop(grace_s=STARTING_GRACE_S)
             raise
         self.startup_s = time.monotonic() - began
         return self
 
-    def stop(self) -> None:
-        """Terminate the whole process group; a no-op when not started. Idempotent."""
+    def stop(self, grace_s: float | None = None) -> None:
+        """Terminate the whole process group (SIGTERM, then SIGKILL after ``grace_s``,
+        default ``stop_grace_s``); a no-op when not started. Idempotent."""
         proc, self._proc = self._proc, None
         atexit.unregister(self.stop)
         if proc is not None:
-            _terminate_group(proc, self.stop_grace_s)
+            _terminate_group(proc, self.stop_grace_s if grace_s is None else grace_s)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
