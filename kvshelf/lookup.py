@@ -135,14 +135,11 @@ class LookupServer:
                     return
 
     def _answer(self, request: dict) -> dict:
-        op = request.get("op")
-        if op == "lookup":
-            plan = _plan_from_wire(request)
-            return {"tokens": self.worker.lookup(request["req"], plan, request["wait"])}
-        if op == "release":
-            self.worker.release(request["req"])
-            return {"ok": True}
-        return {"error": f"unknown op {op!r}"}
+        # Releases reach the worker through vLLM's connector metadata, not this socket.
+        if request.get("op") != "lookup":
+            return {"error": f"unknown op {request.get('op')!r}"}
+        plan = _plan_from_wire(request)
+        return {"tokens": self.worker.lookup(request["req"], plan, request["wait"])}
 
     def close(self) -> None:
         self._closed = True
@@ -177,8 +174,9 @@ class LookupClient:
             try:
                 if self._sock is None:
                     self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                    self._sock.settimeout(self.timeout_s + float(request.get("wait", 0)))
+                    self._sock.settimeout(self.timeout_s)
                     self._sock.connect(self.address)
+                self._sock.settimeout(self.timeout_s + float(request.get("wait", 0)))
                 _send(self._sock, request)
                 reply = _recv(self._sock)
             except (OSError, ValueError) as exc:
@@ -207,14 +205,24 @@ def _plan_to_wire(plan: ChunkPlan) -> dict:
     def rows(chunks):
         return [[c.start, c.end, c.key, c.check] for c in chunks]
 
-    return {"n": plan.num_tokens, "cs": plan.chunk_size, "full": rows(plan.full), "cuts": rows(plan.cuts)}
+    return {
+        "n": plan.num_tokens,
+        "cs": plan.chunk_size,
+        "full": rows(plan.full),
+        "cuts": rows(plan.cuts),
+    }
 
 
 def _plan_from_wire(message: dict) -> ChunkPlan:
     def chunks(rows):
-        return tuple(Chunk(int(s), int(e), ChunkKey(bytes(k)), CheckDigest(bytes(c))) for s, e, k, c in rows)
+        return tuple(
+            Chunk(int(start), int(end), ChunkKey(bytes(key)), CheckDigest(bytes(check)))
+            for start, end, key, check in rows
+        )
 
-    return ChunkPlan(int(message["n"]), int(message["cs"]), chunks(message["full"]), chunks(message["cuts"]))
+    return ChunkPlan(
+        int(message["n"]), int(message["cs"]), chunks(message["full"]), chunks(message["cuts"])
+    )
 
 
 def _send(conn: socket.socket, message: dict) -> None:

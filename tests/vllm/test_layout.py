@@ -1,0 +1,92 @@
+"""KV layout discovery and block copies on plain tensors (no vLLM server)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvshelf.vllm.layout import BlockCopier, LayoutError, block_runs, discover_layout, raw_view
+from kvshelf.vllm.movers import LoadItem, SaveItem, SyncMover
+
+NUM_BLOCKS = 40
+
+
+def caches(shape=(NUM_BLOCKS, 2, 4, 6), layers=3, permute=None):
+    out = {}
+    for i in range(layers):
+        tensor = torch.randn(shape)
+        out[f"layers.{i}.attn"] = tensor.permute(*permute) if permute else tensor
+    return out
+
+
+def payload(copier: BlockCopier, num_blocks: int) -> torch.Tensor:
+    tokens = num_blocks * copier.layout.block_size
+    return copier.payload_view(bytearray(num_blocks * copier.block_bytes), tokens)
+
+
+def test_the_block_dimension_is_found_wherever_it_is():
+    layout, raws = discover_layout(caches((2, NUM_BLOCKS, 4, 6)), NUM_BLOCKS, 4, "b")
+    assert layout.outer == (2,) and layout.row_elems == 24 and raws[0].shape == (2, NUM_BLOCKS, 24)
+    with pytest.raises(LayoutError, match="block dimension"):
+        discover_layout(caches((NUM_BLOCKS, NUM_BLOCKS, 3)), NUM_BLOCKS, 4, "b")
+
+
+def test_the_raw_view_follows_physical_order():
+    # Logical [blocks, heads, tokens, dim] stored as [blocks, tokens, heads, dim].
+    physical = torch.randn(NUM_BLOCKS, 4, 2, 6)
+    logical = physical.permute(0, 2, 1, 3)
+    raw = raw_view(logical, 0)
+    assert raw.shape == (NUM_BLOCKS, 48)
+    assert torch.equal(raw[7], physical[7].reshape(-1))
+
+
+def test_layers_sharing_a_tensor_count_once():
+    shared = torch.randn(NUM_BLOCKS, 2, 4, 6)
+    layout, raws = discover_layout({"a": shared, "b": shared}, NUM_BLOCKS, 4, "x")
+    assert layout.num_layers == 1 and len(raws) == 1
+
+
+def test_block_runs():
+    assert block_runs([3, 4, 5, 9, 8, 10]) == [(0, 3, 3), (3, 9, 1), (4, 8, 1), (5, 10, 1)]
+
+
+SCATTERED = [30, 29, 28, 5, 6, 7, 1, 3, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 31, 33]
+
+
+@pytest.mark.parametrize("ids", [[3, 4, 5, 6], SCATTERED], ids=["runs", "scattered"])
+def test_save_then_load_moves_exactly_those_blocks(ids):
+    source = caches()
+    layout, raws = discover_layout(source, NUM_BLOCKS, 4, "x")
+    copier = BlockCopier(layout, raws)
+    saved = payload(copier, len(ids))
+    mover = SyncMover(copier)
+    mover.begin_saves([SaveItem(saved, ids)])
+    mover.finish_saves()
+
+    target = {name: torch.zeros_like(t) for name, t in source.items()}
+    layout2, raws2 = discover_layout(target, NUM_BLOCKS, 4, "x")
+    SyncMover(BlockCopier(layout2, raws2)).load([LoadItem(saved, 1, ids[1:])])
+    for name in source:
+        assert torch.equal(target[name][ids[0]], torch.zeros(2, 4, 6))  # not asked for
+        for block in ids[1:]:
+            assert torch.equal(target[name][block], source[name][block])
+
+
+def test_staged_groups_copy_like_direct_ones():
+    # The GPU path for scattered block ids: one staging buffer per group and layer.
+    source = caches()
+    layout, raws = discover_layout(source, NUM_BLOCKS, 4, "x")
+    copier = BlockCopier(layout, raws)
+    first, second = payload(copier, 6), payload(copier, 5)
+    items = [(first, 2, [30, 29, 28, 5]), (second, 0, [6, 7, 1, 3, 9])]
+    groups = [copier._staged_group(items)]
+    for layer in range(layout.num_layers):
+        copier.gather(groups, layer)
+    target = {name: torch.zeros_like(t) for name, t in source.items()}
+    layout2, raws2 = discover_layout(target, NUM_BLOCKS, 4, "x")
+    copier2 = BlockCopier(layout2, raws2)
+    for layer in range(layout.num_layers):
+        copier2.scatter([copier2._staged_group(items)], layer)
+    for name in source:
+        for block in (30, 29, 28, 5, 6, 7, 1, 3, 9):
+            assert torch.equal(target[name][block], source[name][block])
