@@ -14,7 +14,7 @@ from kvshelf.engine import CacheEngine
 from kvshelf.keys import MediaSpan, Namespace
 from kvshelf.lookup import PENDING, LookupClient, LookupServer, WorkerLookup
 
-SPEC = lambda n: ("uint8", (n, 4))  # noqa: E731 - a payload of 4 bytes per token
+SPEC = lambda n: ("uint8", (n, 4))
 
 
 def make_engine(tmp_path, **settings) -> CacheEngine:

@@ -5,8 +5,12 @@ with a *block dimension* (the one whose size is the number of cache blocks). We 
 its strides to find the physical order of its dimensions: those laid out inside a block
 form one dense run of elements, a *row*; those outside it (e.g. a K/V split stored as
 two halves of the cache) stay separate. The raw view ``[*outer, blocks, row]`` lets us
-copy blocks as opaque bytes, in the backend's own physical layout, with one copy per
-run of consecutive block ids. An entry's payload is ``[layers, *outer, blocks, row]``.
+copy blocks as opaque bytes, in the backend's own physical layout. An entry's payload is
+``[layers, *outer, blocks, row]``.
+
+On a GPU, a contiguous raw view is also a table of rows ``[outer * blocks, row]``: a
+step's copies for one layer are then one plain host<->device copy per entry into a
+device staging buffer plus one indexed kernel, whatever the block ids look like.
 
 The layout signature (backend, dtype, raw shape, block size, layers) goes into the cache
 namespace, so bytes written under one layout are never read under another. Only torch is
@@ -22,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 MAX_RUNS = 16  # CPU: more runs of consecutive block ids than this -> one indexed copy
-DIRECT_COPY_BYTES = 2 << 20  # GPU: copy runs directly when they average at least this
+DIRECT_COPY_BYTES = 2 << 20  # GPU, strided caches: copy runs directly above this average
 STAGING_BYTES = 256 << 20  # GPU: bound on one staging buffer (per layer)
 
 
@@ -137,6 +141,20 @@ def block_runs(block_ids: Sequence[int]) -> list[tuple[int, int, int]]:
 
 
 @dataclass
+class RowGroup:
+    """Items copied as rows of a contiguous cache layer through one staging buffer.
+
+    Staged rows hold each item's whole payload layer, item after item, for loads, and
+    only the asked-for blocks for saves; ``cache_rows`` names the cache row of each of
+    those asked-for rows, in order."""
+
+    items: list[tuple[torch.Tensor, int, list[int]]]  # (payload, first payload block, block ids)
+    cache_rows: torch.Tensor  # on the device
+    picked: torch.Tensor | None  # loads: staged rows to write, in order (None: all of them)
+    num_rows: int  # rows staged for a load
+
+
+@dataclass
 class CopyGroup:
     """Items copied through one staging buffer on a GPU (``index`` is ``None``: direct)."""
 
@@ -149,13 +167,16 @@ class BlockCopier:
     """Copies whole blocks between raw cache views and entry payloads.
 
     Payload tensors have :meth:`KVLayout.payload_shape` and live in host memory. A step's
-    copies are planned once (:meth:`plan`) and run layer by layer. On a GPU, blocks whose
-    ids run consecutively in long stretches are copied directly; scattered ids go through
-    a device staging buffer and one gather/scatter kernel per layer, so copies stay large.
-    With ``non_blocking`` the copies are only enqueued on the current CUDA stream.
+    copies are planned once (:meth:`plan`) and run layer by layer. With ``rows`` (the
+    default on a GPU when every raw view is contiguous) each layer's copies go through a
+    :class:`RowGroup` staging buffer: one plain copy per entry and one indexed kernel.
+    Otherwise, on a GPU, blocks whose ids run consecutively in long stretches are copied
+    directly and scattered ids go through a staging buffer of blocks; on a CPU each run is
+    copied directly. With ``non_blocking`` the copies are only enqueued on the current
+    CUDA stream.
     """
 
-    def __init__(self, layout: KVLayout, raws: Sequence[torch.Tensor]):
+    def __init__(self, layout: KVLayout, raws: Sequence[torch.Tensor], rows: bool | None = None):
         self.layout = layout
         self.raws = list(raws)
         self.device = self.raws[0].device
@@ -163,42 +184,79 @@ class BlockCopier:
         item = self.raws[0].element_size()
         self.layer_block_bytes = math.prod(layout.outer) * layout.row_elems * item
         self.block_bytes = layout.num_layers * self.layer_block_bytes  # all layers
+        if rows is None:
+            rows = self.device.type == "cuda" and all(r.is_contiguous() for r in self.raws)
+        self.row_tables = [r.view(-1, layout.row_elems) for r in self.raws] if rows else None
 
     def payload_view(self, buffer, num_tokens: int) -> torch.Tensor:
         """A tensor over an entry's payload buffer (no copy)."""
         flat = buffer if torch.is_tensor(buffer) else torch.frombuffer(buffer, dtype=torch.uint8)
         return flat.view(self.torch_dtype).view(self.layout.payload_shape(num_tokens))
 
-    def plan(self, items: Sequence[tuple[torch.Tensor, int, Sequence[int]]]) -> list[CopyGroup]:
+    def plan(
+        self, items: Sequence[tuple[torch.Tensor, int, Sequence[int]]]
+    ) -> list[CopyGroup | RowGroup]:
         """Group ``(payload, first payload block, block ids)`` items for copying."""
         items = [(p, first, list(ids)) for p, first, ids in items if ids]
+        if not items:
+            return []
+        if self.row_tables is not None:
+            return [self._row_group(g) for g in self._bounded(items, whole=True)]
         num_blocks = sum(len(ids) for _, _, ids in items)
         num_runs = sum(len(block_runs(ids)) for _, _, ids in items)
-        if self.device.type == "cpu" or not items:
+        if self.device.type == "cpu":
             return [CopyGroup([item], None, len(item[2])) for item in items]
         if num_blocks / num_runs * self.layer_block_bytes >= DIRECT_COPY_BYTES:
             return [CopyGroup(items, None, num_blocks)]
+        return [self._staged_group(g) for g in self._bounded(items, whole=False)]
+
+    def _bounded(self, items, whole: bool) -> list[list]:
+        """``items`` in groups whose staging buffer (per layer) stays within STAGING_BYTES;
+        ``whole``: the buffer holds every item's whole payload, not only its blocks."""
         groups, current, size = [], [], 0
-        for item in items:  # bound the staging buffer
-            if current and (size + len(item[2])) * self.layer_block_bytes > STAGING_BYTES:
+        for item in items:
+            blocks = item[0].size(self.layout.block_axis + 1) if whole else len(item[2])
+            if current and (size + blocks) * self.layer_block_bytes > STAGING_BYTES:
                 groups.append(current)
                 current, size = [], 0
             current.append(item)
-            size += len(item[2])
+            size += blocks
         groups.append(current)
-        return [self._staged_group(g) for g in groups]
+        return groups
+
+    def _row_group(self, items) -> RowGroup:
+        outer = math.prod(self.layout.outer)
+        num_blocks = self.raws[0].size(self.layout.block_axis)
+        slices = torch.arange(outer, dtype=torch.long).unsqueeze(1)
+        cache_rows, picked, base, whole = [], [], 0, True
+        for payload, first, ids in items:
+            blocks = payload.size(self.layout.block_axis + 1)
+            span = torch.arange(first, first + len(ids), dtype=torch.long)
+            cache_rows.append((slices * num_blocks + torch.tensor(ids, dtype=torch.long)).flatten())
+            picked.append((base + slices * blocks + span).flatten())
+            whole = whole and first == 0 and len(ids) == blocks
+            base += outer * blocks
+        return RowGroup(
+            items, self._to_device(torch.cat(cache_rows)),
+            None if whole else self._to_device(torch.cat(picked)), base,
+        )
+
+    def _to_device(self, index: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":  # pinned, so the copy is truly asynchronous
+            return index.pin_memory().to(self.device, non_blocking=True)
+        return index
 
     def _staged_group(self, items) -> CopyGroup:
         ids = [block for _, _, block_ids in items for block in block_ids]
-        index = torch.tensor(ids, dtype=torch.long)
-        if self.device.type == "cuda":  # pinned, so the copy is truly asynchronous
-            index = index.pin_memory().to(self.device, non_blocking=True)
-        return CopyGroup(items, index, len(ids))
+        return CopyGroup(items, self._to_device(torch.tensor(ids, dtype=torch.long)), len(ids))
 
-    def gather(self, groups: list[CopyGroup], layer: int, non_blocking: bool = False) -> None:
+    def gather(self, groups: list[CopyGroup | RowGroup], layer: int, non_blocking: bool = False) -> None:
         """Copy every group's blocks of ``layer`` out of the cache into the payloads."""
         axis, raw = self.layout.block_axis, self.raws[layer]
         for group in groups:
+            if isinstance(group, RowGroup):
+                self._gather_rows(group, layer, non_blocking)
+                continue
             if group.index is None:
                 for payload, first, ids in group.items:
                     _copy_blocks(payload[layer], first, raw, ids, axis, to_cache=False,
@@ -212,10 +270,13 @@ class BlockCopier:
                 )
                 offset += len(ids)
 
-    def scatter(self, groups: list[CopyGroup], layer: int, non_blocking: bool = False) -> None:
+    def scatter(self, groups: list[CopyGroup | RowGroup], layer: int, non_blocking: bool = False) -> None:
         """Copy every group's payload blocks of ``layer`` into the cache."""
         axis, raw = self.layout.block_axis, self.raws[layer]
         for group in groups:
+            if isinstance(group, RowGroup):
+                self._scatter_rows(group, layer, non_blocking)
+                continue
             if group.index is None:
                 for payload, first, ids in group.items:
                     _copy_blocks(payload[layer], first, raw, ids, axis, to_cache=True,
@@ -231,6 +292,33 @@ class BlockCopier:
                 )
                 offset += len(ids)
             raw.index_copy_(axis, group.index, staged)
+
+    def _gather_rows(self, group: RowGroup, layer: int, non_blocking: bool) -> None:
+        staged = self.row_tables[layer].index_select(0, group.cache_rows)
+        axis, row = self.layout.block_axis, self.layout.row_elems
+        offset = 0
+        for payload, first, ids in group.items:
+            part = staged.narrow(0, offset, math.prod(self.layout.outer) * len(ids))
+            dst = payload[layer]
+            if first == 0 and len(ids) == dst.size(axis):
+                dst.view(-1, row).copy_(part, non_blocking=non_blocking)  # one plain copy
+            else:
+                dst.narrow(axis, first, len(ids)).copy_(
+                    part.view(*self.layout.outer, len(ids), row), non_blocking=non_blocking
+                )
+            offset += part.size(0)
+
+    def _scatter_rows(self, group: RowGroup, layer: int, non_blocking: bool) -> None:
+        row = self.layout.row_elems
+        staged = torch.empty((group.num_rows, row), dtype=self.torch_dtype, device=self.device)
+        offset = 0
+        for payload, _, _ in group.items:
+            src = payload[layer].view(-1, row)  # the whole payload layer: one plain copy
+            staged.narrow(0, offset, src.size(0)).copy_(src, non_blocking=non_blocking)
+            offset += src.size(0)
+        if group.picked is not None:
+            staged = staged.index_select(0, group.picked)
+        self.row_tables[layer].index_copy_(0, group.cache_rows, staged)
 
 
 def _copy_blocks(payload, first, raw, ids, axis, to_cache: bool, non_blocking: bool) -> None:

@@ -6,8 +6,8 @@ it. It is right on any device and is what the CPU backend uses.
 :class:`CudaMover` overlaps copies with compute on a GPU: loads run on their own stream
 layer by layer, and the forward waits for layer ``i`` only right before layer ``i``
 attends; saves start on another stream as each layer finishes and the step waits only
-for the last ones. Copies are whole runs of consecutive blocks, straight between pinned
-host memory and the cache.
+for the last ones. Per layer, the copies are one plain pinned-host<->device copy per
+entry and one indexed kernel (see :class:`~kvshelf.vllm.layout.BlockCopier`).
 """
 
 from __future__ import annotations

@@ -90,3 +90,51 @@ def test_staged_groups_copy_like_direct_ones():
     for name in source:
         for block in (30, 29, 28, 5, 6, 7, 1, 3, 9):
             assert torch.equal(target[name][block], source[name][block])
+
+
+@pytest.mark.parametrize("shape", [(NUM_BLOCKS, 2, 4, 6), (2, NUM_BLOCKS, 4, 6)], ids=["blocks-first", "kv-first"])
+@pytest.mark.parametrize("staging_blocks", [1000, 5], ids=["one-group", "many-groups"])
+def test_row_groups_copy_like_direct_ones(shape, staging_blocks, monkeypatch):
+    # The GPU path for contiguous caches, run on CPU tensors: whole payload layers staged
+    # as rows, one indexed copy per group and layer; partial items pick their rows.
+    source = caches(shape)
+    layout, raws = discover_layout(source, NUM_BLOCKS, 4, "x")
+    copier = BlockCopier(layout, raws, rows=True)
+    monkeypatch.setattr("kvshelf.vllm.layout.STAGING_BYTES", staging_blocks * copier.layer_block_bytes)
+    first, second, third = payload(copier, 6), payload(copier, 5), payload(copier, 3)
+    saves = [(first, 0, [30, 29, 28, 5, 4, 2]), (second, 0, [6, 7, 1, 3, 9]), (third, 0, [12, 13, 14])]
+    groups = copier.plan(saves)
+    assert len(groups) == (1 if staging_blocks == 1000 else 3)
+    for layer in range(layout.num_layers):
+        copier.gather(groups, layer)
+
+    reference = BlockCopier(layout, raws)  # the plain CPU path, for the expected payloads
+    expected = [payload(reference, 6), payload(reference, 5), payload(reference, 3)]
+    mover = SyncMover(reference)
+    mover.begin_saves([SaveItem(p, ids) for p, (_, _, ids) in zip(expected, saves)])
+    mover.finish_saves()
+    for got, want in zip((first, second, third), expected):
+        assert torch.equal(got, want)
+
+    target = {name: torch.zeros_like(t) for name, t in source.items()}
+    layout2, raws2 = discover_layout(target, NUM_BLOCKS, 4, "x")
+    copier2 = BlockCopier(layout2, raws2, rows=True)
+    loads = [(first, 2, [20, 21, 22, 23]), (second, 0, [36, 37, 38, 39, 0]), (third, 1, [16])]
+    groups = copier2.plan(loads)
+    for layer in range(layout.num_layers):
+        copier2.scatter(groups, layer)
+    moved = {20: 28, 21: 5, 22: 4, 23: 2, 36: 6, 37: 7, 38: 1, 39: 3, 0: 9, 16: 13}
+    dim = shape.index(NUM_BLOCKS)
+    for name in source:
+        for block in range(NUM_BLOCKS):
+            got = target[name].select(dim, block)
+            if block in moved:
+                assert torch.equal(got, source[name].select(dim, moved[block])), (name, block)
+            else:
+                assert not got.any(), (name, block)  # not asked for
+
+
+def test_row_groups_are_the_default_only_for_contiguous_gpu_caches():
+    layout, raws = discover_layout(caches(), NUM_BLOCKS, 4, "x")
+    assert BlockCopier(layout, raws).row_tables is None  # CPU: direct copies
+    assert BlockCopier(layout, raws, rows=True).plan([]) == []
