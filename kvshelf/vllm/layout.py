@@ -27,7 +27,8 @@ import torch
 
 MAX_RUNS = 16  # CPU: more runs of consecutive block ids than this -> one indexed copy
 DIRECT_COPY_BYTES = 2 << 20  # GPU, strided caches: copy runs directly above this average
-STAGING_BYTES = 256 << 20  # GPU: bound on one staging buffer (per layer)
+STAGING_BYTES = 256 << 20  # GPU: bound on one staging buffer
+BAND_BYTES = 4 << 20  # GPU loads: stage this much of an entry (several layers) per copy
 
 
 class LayoutError(ValueError):
@@ -144,14 +145,21 @@ def block_runs(block_ids: Sequence[int]) -> list[tuple[int, int, int]]:
 class RowGroup:
     """Items copied as rows of a contiguous cache layer through one staging buffer.
 
-    Staged rows hold each item's whole payload layer, item after item, for loads, and
-    only the asked-for blocks for saves; ``cache_rows`` names the cache row of each of
-    those asked-for rows, in order."""
+    A save gathers the asked-for rows of a layer and copies each item's share out. A
+    load stages a *band* of ``band`` layers of every item's whole payload (one plain copy
+    per item and band, large enough to run at the link's speed), then, per layer, picks
+    the asked-for rows out of the band and writes them with one indexed kernel. The
+    per-row tensors below live on the device, in the order of ``cache_rows``."""
 
     items: list[tuple[torch.Tensor, int, list[int]]]  # (payload, first payload block, block ids)
-    cache_rows: torch.Tensor  # on the device
-    picked: torch.Tensor | None  # loads: staged rows to write, in order (None: all of them)
-    num_rows: int  # rows staged for a load
+    cache_rows: torch.Tensor  # the cache row of each asked-for row
+    within: torch.Tensor  # its row inside its item's payload layer
+    item_start: torch.Tensor  # rows of the payload layers of the items before its item
+    item_rows: torch.Tensor  # rows of its item's payload layer
+    num_rows: int  # rows of one layer of every item's payload
+    whole: bool  # every item asks for all its payload's blocks
+    band: int  # layers staged at once for a load
+    staged: tuple[int, torch.Tensor] | None = None  # (first layer, rows) of the band loaded
 
 
 @dataclass
@@ -201,7 +209,9 @@ class BlockCopier:
         if not items:
             return []
         if self.row_tables is not None:
-            return [self._row_group(g) for g in self._bounded(items, whole=True)]
+            most = max(p.size(self.layout.block_axis + 1) for p, _, _ in items)
+            band = max(1, min(self.layout.num_layers, BAND_BYTES // (most * self.layer_block_bytes)))
+            return [self._row_group(g, band) for g in self._bounded(items, whole=True, layers=band)]
         num_blocks = sum(len(ids) for _, _, ids in items)
         num_runs = sum(len(block_runs(ids)) for _, _, ids in items)
         if self.device.type == "cpu":
@@ -210,12 +220,12 @@ class BlockCopier:
             return [CopyGroup(items, None, num_blocks)]
         return [self._staged_group(g) for g in self._bounded(items, whole=False)]
 
-    def _bounded(self, items, whole: bool) -> list[list]:
-        """``items`` in groups whose staging buffer (per layer) stays within STAGING_BYTES;
-        ``whole``: the buffer holds every item's whole payload, not only its blocks."""
+    def _bounded(self, items, whole: bool, layers: int = 1) -> list[list]:
+        """``items`` in groups whose staging buffer of ``layers`` layers stays within
+        STAGING_BYTES; ``whole``: it holds every item's whole payload, not only its blocks."""
         groups, current, size = [], [], 0
         for item in items:
-            blocks = item[0].size(self.layout.block_axis + 1) if whole else len(item[2])
+            blocks = layers * (item[0].size(self.layout.block_axis + 1) if whole else len(item[2]))
             if current and (size + blocks) * self.layer_block_bytes > STAGING_BYTES:
                 groups.append(current)
                 current, size = [], 0
@@ -224,22 +234,23 @@ class BlockCopier:
         groups.append(current)
         return groups
 
-    def _row_group(self, items) -> RowGroup:
+    def _row_group(self, items, band: int) -> RowGroup:
         outer = math.prod(self.layout.outer)
         num_blocks = self.raws[0].size(self.layout.block_axis)
         slices = torch.arange(outer, dtype=torch.long).unsqueeze(1)
-        cache_rows, picked, base, whole = [], [], 0, True
+        cache_rows, within, starts, sizes = [], [], [], []
+        start, whole = 0, True
         for payload, first, ids in items:
             blocks = payload.size(self.layout.block_axis + 1)
             span = torch.arange(first, first + len(ids), dtype=torch.long)
             cache_rows.append((slices * num_blocks + torch.tensor(ids, dtype=torch.long)).flatten())
-            picked.append((base + slices * blocks + span).flatten())
+            within.append((slices * blocks + span).flatten())
+            starts.append(torch.full((outer * len(ids),), start, dtype=torch.long))
+            sizes.append(torch.full((outer * len(ids),), outer * blocks, dtype=torch.long))
             whole = whole and first == 0 and len(ids) == blocks
-            base += outer * blocks
-        return RowGroup(
-            items, self._to_device(torch.cat(cache_rows)),
-            None if whole else self._to_device(torch.cat(picked)), base,
-        )
+            start += outer * blocks
+        device = [self._to_device(torch.cat(t)) for t in (cache_rows, within, starts, sizes)]
+        return RowGroup(items, *device, num_rows=start, whole=whole, band=band)
 
     def _to_device(self, index: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":  # pinned, so the copy is truly asynchronous
@@ -309,16 +320,31 @@ class BlockCopier:
             offset += part.size(0)
 
     def _scatter_rows(self, group: RowGroup, layer: int, non_blocking: bool) -> None:
+        first = layer - layer % group.band
+        band = min(group.band, self.layout.num_layers - first)
+        if group.staged is None or group.staged[0] != first:
+            group.staged = (first, self._stage_band(group, first, band, non_blocking))
+        staged = group.staged[1]
+        if band > 1 or not group.whole:
+            # Row r of layer `layer` of item i sits at band * start_i + k * rows_i + r.
+            picked = group.item_start * band + group.item_rows * (layer - first) + group.within
+            staged = staged.index_select(0, picked)
+        self.row_tables[layer].index_copy_(0, group.cache_rows, staged)
+        if layer == first + band - 1:
+            group.staged = None
+
+    def _stage_band(self, group: RowGroup, first: int, band: int, non_blocking: bool):
+        """Layers ``first .. first + band - 1`` of every item's payload, item after item."""
         row = self.layout.row_elems
-        staged = torch.empty((group.num_rows, row), dtype=self.torch_dtype, device=self.device)
+        staged = torch.empty(
+            (band * group.num_rows, row), dtype=self.torch_dtype, device=self.device
+        )
         offset = 0
         for payload, _, _ in group.items:
-            src = payload[layer].view(-1, row)  # the whole payload layer: one plain copy
+            src = payload[first : first + band].view(-1, row)  # contiguous: one plain copy
             staged.narrow(0, offset, src.size(0)).copy_(src, non_blocking=non_blocking)
             offset += src.size(0)
-        if group.picked is not None:
-            staged = staged.index_select(0, group.picked)
-        self.row_tables[layer].index_copy_(0, group.cache_rows, staged)
+        return staged
 
 
 def _copy_blocks(payload, first, raw, ids, axis, to_cache: bool, non_blocking: bool) -> None:

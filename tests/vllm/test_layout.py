@@ -94,13 +94,15 @@ def test_staged_groups_copy_like_direct_ones():
 
 @pytest.mark.parametrize("shape", [(NUM_BLOCKS, 2, 4, 6), (2, NUM_BLOCKS, 4, 6)], ids=["blocks-first", "kv-first"])
 @pytest.mark.parametrize("staging_blocks", [1000, 5], ids=["one-group", "many-groups"])
-def test_row_groups_copy_like_direct_ones(shape, staging_blocks, monkeypatch):
-    # The GPU path for contiguous caches, run on CPU tensors: whole payload layers staged
-    # as rows, one indexed copy per group and layer; partial items pick their rows.
+@pytest.mark.parametrize("band", [1, 2, 3], ids=["layer", "bands-of-2", "all-layers"])
+def test_row_groups_copy_like_direct_ones(shape, staging_blocks, band, monkeypatch):
+    # The GPU path for contiguous caches, run on CPU tensors: bands of whole payload
+    # layers staged as rows, one indexed copy per group and layer; items pick their rows.
     source = caches(shape)
     layout, raws = discover_layout(source, NUM_BLOCKS, 4, "x")
     copier = BlockCopier(layout, raws, rows=True)
     monkeypatch.setattr("kvshelf.vllm.layout.STAGING_BYTES", staging_blocks * copier.layer_block_bytes)
+    monkeypatch.setattr("kvshelf.vllm.layout.BAND_BYTES", band * 6 * copier.layer_block_bytes)
     first, second, third = payload(copier, 6), payload(copier, 5), payload(copier, 3)
     saves = [(first, 0, [30, 29, 28, 5, 4, 2]), (second, 0, [6, 7, 1, 3, 9]), (third, 0, [12, 13, 14])]
     groups = copier.plan(saves)
@@ -121,8 +123,10 @@ def test_row_groups_copy_like_direct_ones(shape, staging_blocks, monkeypatch):
     copier2 = BlockCopier(layout2, raws2, rows=True)
     loads = [(first, 2, [20, 21, 22, 23]), (second, 0, [36, 37, 38, 39, 0]), (third, 1, [16])]
     groups = copier2.plan(loads)
+    assert {g.band for g in groups} == {band}
     for layer in range(layout.num_layers):
         copier2.scatter(groups, layer)
+    assert all(g.staged is None for g in groups)  # each band's buffer let go after its last layer
     moved = {20: 28, 21: 5, 22: 4, 23: 2, 36: 6, 37: 7, 38: 1, 39: 3, 0: 9, 16: 13}
     dim = shape.index(NUM_BLOCKS)
     for name in source:
