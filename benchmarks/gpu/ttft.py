@@ -124,9 +124,10 @@ def kv_transfer(connector: str, extra: dict | None = None, **more) -> list[str]:
     return ["--kv-transfer-config", json.dumps(config)]
 
 
-def setup_args(setup: str, work: Path, max_len: int) -> tuple[list[str], dict[str, str]]:
+def setup_args(setup: str, work: Path, max_len: int, tp: int = 1) -> tuple[list[str], dict[str, str]]:
     common = ["--load-format", "dummy", "--max-model-len", str(max_len),
-              "--gpu-memory-utilization", "0.85", "--served-model-name", "m"]
+              "--gpu-memory-utilization", "0.85", "--served-model-name", "m",
+              "--tensor-parallel-size", str(tp)]
     env: dict[str, str] = {}
     if setup == "baseline":
         return common, env
@@ -207,9 +208,9 @@ def drop_page_cache() -> bool:
 
 
 def run_setup(setup, model_dir, work, results, words, sizes, cold_prompts, warm_repeats,
-              server_box, log_dir):
+              server_box, log_dir, tp=1):
     max_len = 4096 if SIZES["8k"] == SMOKE_SIZES["8k"] else 34000
-    args, env = setup_args(setup, work, max_len)
+    args, env = setup_args(setup, work, max_len, tp)
     env = {**os.environ, **env}
     log = work / f"serve_{setup}.log"
     if setup == "kvshelf_disk":
@@ -349,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="8k,32k")
     parser.add_argument("--kv-bytes-per-token", type=int, required=True)
     parser.add_argument("--warm-repeats", type=int, default=5)
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (GPUs)")
     parser.add_argument("--smoke", action="store_true", help="CPU dry run with short prompts")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -360,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         results = Results(args.model_dir.name, torch.cuda.get_device_name())
+        if args.tp > 1:
+            results.device += f" x{args.tp} (TP={args.tp})"
         results.h2d_gbps, results.d2h_gbps = pinned_copy_gbps()
     words = (args.model_dir / "words.txt").read_text().split()
     sizes = args.sizes.split(",")
@@ -374,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
             chosen = [s for s in chosen if s in sizes]
             try:
                 run_setup(setup, args.model_dir, args.work, results, words, chosen,
-                          {"8k": 5, "32k": 3}, args.warm_repeats, servers, args.out)
+                          {"8k": 5, "32k": 3}, args.warm_repeats, servers, args.out, args.tp)
             except Exception as exc:  # noqa: BLE001 - one broken setup must not lose the rest
                 results.errors[setup] = f"{type(exc).__name__}: {exc}"[-2000:]
                 print(f"!! {setup} failed: {exc}", flush=True)
