@@ -28,7 +28,8 @@ from kvshelf.codec import Entry
 from kvshelf.config import KVShelfConfig
 from kvshelf.keys import StoreKey
 from kvshelf.storage.base import HostBlock, HostMemory
-from kvshelf.storage.redis import PIPELINE_BYTES, RedisStore, open_remote
+from kvshelf.storage.redis import PIPELINE_BYTES, RedisStore
+from kvshelf.storage.redis_connect import open_remote
 
 MiB = 2**20
 TOKENS = 256

@@ -208,7 +208,7 @@ _REDIS_KEY = re.compile(
 
 
 def _redis_stats(url: str) -> TierStats:
-    from kvshelf.storage.redis import HEAD_BYTES, decode_head
+    from kvshelf.storage.redis_layout import HEAD_BYTES, decode_head
 
     client, shown = _redis_client(url)
     heads: list[tuple[bytes, bytes, bytes]] = []  # (namespace, entry tag, key)
@@ -272,7 +272,7 @@ def _redis_client(url: str):
     import redis
 
     from kvshelf.config import ConfigError, load_config, redact_url
-    from kvshelf.storage.redis import open_remote
+    from kvshelf.storage.redis_connect import open_remote
 
     try:
         # The connector's own URL handling (TLS, cluster, KVSHELF_REMOTE_PASSWORD...), with a

@@ -71,7 +71,7 @@ class CacheEngine:
             disk.describe_namespace(self.namespace_id, namespace.to_json())
             lower.append(disk)
         if remote is None and config.remote_url:
-            from kvshelf.storage.redis import open_remote  # redis-py only when asked for
+            from kvshelf.storage.redis_connect import open_remote  # redis-py only when asked for
 
             remote = open_remote(config, memory)
         if remote is not None:

@@ -16,7 +16,8 @@ from kvshelf.codec import FORMAT_VERSION, HEADER_BYTES, Entry
 from kvshelf.config import KVShelfConfig, load_config
 from kvshelf.engine import CacheEngine
 from kvshelf.keys import Namespace, StoreKey
-from kvshelf.storage.redis import HEAD_BYTES, head_key, open_remote
+from kvshelf.storage.redis_connect import open_remote
+from kvshelf.storage.redis_layout import HEAD_BYTES, head_key
 
 CHUNK = 16
 BYTES_PER_TOKEN = 16

@@ -1,17 +1,11 @@
 """The remote tier: Redis or Valkey, standalone or cluster, through redis-py.
 
-Layout. An entry is a small *head* and its payload in *parts*, all under one cluster
-hash tag so that they live in one slot::
-
-    kvshelf:{<namespace id hex>:<chunk key hex>}:h                 head
-    kvshelf:{<namespace id hex>:<chunk key hex>}:<nonce hex>:<i>   payload part i
-
-The head is the 256-byte codec header, then a trailer: the part size, the writer's
-random nonce and an xxh3-64 of both. A part holds at most ``part_bytes``, so no value
-comes near Redis' 512 MB bulk limit whatever the chunk size. A writer stores its parts
-under a fresh nonce and then the head with ``SET NX``: a reader that sees a head finds
-whole parts, and of two writers racing on one key the loser removes its parts. With a
-TTL, parts live a minute longer than their head, so a visible head has its parts.
+Entries are laid out as a head and payload parts (:mod:`kvshelf.storage.redis_layout`).
+A writer stores its parts under a fresh nonce and then the head with ``SET NX``: a
+reader that sees a head finds whole parts, and of two writers racing on one key the
+loser removes its parts. With a TTL, parts live a minute longer than their head, so a
+visible head has its parts. :func:`kvshelf.storage.redis_connect.open_remote` opens one
+from a URL.
 
 Failure is a miss. A connection error or timeout marks the tier down: calls answer at
 once (miss, or save dropped and counted) until a backoff deadline (0.5 s doubling to
@@ -28,32 +22,23 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from urllib.parse import unquote
 
 import redis
-import xxhash
 from redis import exceptions as rx
-from redis.backoff import NoBackoff
-from redis.cluster import ClusterNode, RedisCluster
-from redis.retry import Retry
+from redis.cluster import RedisCluster
 
 from kvshelf.codec import (
-    HEADER_BYTES,
     CorruptEntry,
     Entry,
-    Header,
     check_payload,
-    decode_header,
-    encode_header,
     entry_from,
 )
-from kvshelf.config import KVShelfConfig, redact_url
-from kvshelf.keys import NAMESPACE_ID_BYTES, StoreKey
+from kvshelf.config import redact_url
+from kvshelf.keys import StoreKey
 from kvshelf.storage.base import (
     BufferSource,
     Counters,
@@ -62,84 +47,30 @@ from kvshelf.storage.base import (
     Store,
     StoreStats,
 )
+from kvshelf.storage.redis_layout import (
+    MAX_PART_BYTES,
+    NONCE_BYTES,
+    RemoteHead,
+    decode_head,
+    decode_or_none,
+    encode_head,
+    head_key,
+    key_tag,
+    part_spans,
+)
 
 logger = logging.getLogger(__name__)
 
-KEY_PREFIX = "kvshelf"
-MAX_PART_BYTES = 512 * 2**20  # Redis' default proto-max-bulk-len
 # Payload per round trip. redis-py buffers a pipeline's whole reply, and Redis counts its
 # output buffers against maxmemory: this bounds both.
 PIPELINE_BYTES = 32 * 2**20
 PART_TTL_SLACK_S = 60
 BACKOFF_S = (0.5, 30.0)  # first and longest wait before retrying a server that is down
-CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 
-_TRAILER = struct.Struct("<4sIQ8s")  # magic, trailer version, part bytes, writer nonce
-_TRAILER_MAGIC = b"KVRH"
-_TRAILER_VERSION = 1
-_SUM = struct.Struct("<Q")  # xxh3-64 of codec header + trailer
-HEAD_BYTES = HEADER_BYTES + _TRAILER.size + _SUM.size
-NONCE_BYTES = 8
 
 Client = redis.Redis | RedisCluster
 # A server that cannot be reached or has no quorum: the whole call is a miss.
 _UNREACHABLE = (rx.ConnectionError, rx.TimeoutError, rx.ClusterError, rx.RedisClusterException)
-
-
-# -- layout ------------------------------------------------------------------------
-def _tag(key: StoreKey) -> str:
-    namespace, chunk = key[:NAMESPACE_ID_BYTES].hex(), key[NAMESPACE_ID_BYTES:].hex()
-    return f"{KEY_PREFIX}:{{{namespace}:{chunk}}}"
-
-
-def head_key(key: StoreKey) -> bytes:
-    """The Redis key of an entry's head."""
-    return f"{_tag(key)}:h".encode()
-
-
-def part_key(key: StoreKey, nonce: bytes, index: int) -> bytes:
-    return f"{_tag(key)}:{nonce.hex()}:{index}".encode()
-
-
-@dataclass(frozen=True, slots=True)
-class RemoteHead:
-    """A decoded head: the entry's header and where its payload parts are."""
-
-    header: Header
-    part_bytes: int
-    nonce: bytes
-
-    def parts(self) -> list[tuple[bytes, int, int]]:
-        """(Redis key, payload offset, bytes) of every part, in order."""
-        return _parts(self.header.key, self.nonce, self.header.payload_bytes, self.part_bytes)
-
-
-def _parts(key: StoreKey, nonce: bytes, total: int, step: int) -> list[tuple[bytes, int, int]]:
-    return [
-        (part_key(key, nonce, i), offset, min(step, total - offset))
-        for i, offset in enumerate(range(0, total, step))
-    ]
-
-
-def encode_head(entry: Entry, part_bytes: int, nonce: bytes) -> bytes:
-    body = encode_header(entry) + _TRAILER.pack(_TRAILER_MAGIC, _TRAILER_VERSION, part_bytes, nonce)
-    return body + _SUM.pack(xxhash.xxh3_64_intdigest(body))
-
-
-def decode_head(data: bytes) -> RemoteHead:
-    """Parse and check a head; raises :class:`CorruptEntry`."""
-    if len(data) != HEAD_BYTES:
-        raise CorruptEntry(f"head is {len(data)} bytes, expected {HEAD_BYTES}")
-    body = data[: HEAD_BYTES - _SUM.size]
-    (stored_sum,) = _SUM.unpack_from(data, len(body))
-    if xxhash.xxh3_64_intdigest(body) != stored_sum:
-        raise CorruptEntry("head checksum mismatch")
-    magic, version, part_bytes, nonce = _TRAILER.unpack_from(data, HEADER_BYTES)
-    if magic != _TRAILER_MAGIC or version != _TRAILER_VERSION:
-        raise CorruptEntry(f"head trailer {magic!r} v{version}, this kvshelf reads v1")
-    if not 0 < part_bytes <= MAX_PART_BYTES:
-        raise CorruptEntry(f"bad part size {part_bytes}")
-    return RemoteHead(decode_header(data[:HEADER_BYTES]), part_bytes, nonce)
 
 
 # -- up/down -----------------------------------------------------------------------
@@ -290,7 +221,7 @@ class RedisStore(Store):
         for key, raw in zip(keys, raw_heads or ()):
             raw = self._answer(raw, "read")
             if raw is not None:
-                victims.append((key, _decode_or_none(raw)))
+                victims.append((key, decode_or_none(raw)))
         return self._remove(victims)
 
     def stats(self) -> StoreStats:
@@ -420,7 +351,7 @@ class RedisStore(Store):
         head_ttl = () if self.ttl_s is None else ("EX", self.ttl_s)
         commands: list[tuple] = [
             ("SET", key, payload[offset : offset + nbytes], *part_ttl)
-            for key, offset, nbytes in _parts(entry.key, nonce, entry.nbytes, self.part_bytes)
+            for key, offset, nbytes in part_spans(entry.key, nonce, entry.nbytes, self.part_bytes)
         ]
         commands.append(
             (
@@ -449,7 +380,7 @@ class RedisStore(Store):
 
     def _scan_parts(self, key: StoreKey) -> list[bytes]:
         try:
-            found = self.client().scan_iter(match=f"{_tag(key)}:*", count=1000)
+            found = self.client().scan_iter(match=f"{key_tag(key)}:*", count=1000)
             return [k for k in found if not k.endswith(b":h")]
         except _UNREACHABLE as exc:
             self._unreachable(exc)
@@ -540,13 +471,6 @@ def _land(read: _Read, offset: int, nbytes: int, data: bytes | None) -> None:
         read.block.view[offset : offset + nbytes] = data
 
 
-def _decode_or_none(raw: bytes) -> RemoteHead | None:
-    try:
-        return decode_head(raw)
-    except CorruptEntry:
-        return None
-
-
 def _batches(items: Sequence, size: Callable, limit: int) -> Iterator[list]:
     """Consecutive runs of ``items`` of at most ``limit`` total size (at least one each)."""
     batch: list = []
@@ -559,101 +483,3 @@ def _batches(items: Sequence, size: Callable, limit: int) -> Iterator[list]:
         total += size(item)
     if batch:
         yield batch
-
-
-# -- opening -----------------------------------------------------------------------
-def open_remote(config: KVShelfConfig, buffers: BufferSource | None = None) -> RedisStore:
-    """The remote tier ``config.remote_url`` names; connects on first use.
-
-    ``redis://[user:password@]host:port/db``, ``rediss://`` (TLS: ``remote_ca_certs``,
-    ``remote_certfile``, ``remote_keyfile``), ``unix:///path.sock?db=N`` and
-    ``redis+cluster://host:port[,host:port...]`` (``rediss+cluster://`` for TLS). The
-    password from ``config.password()`` overrides the URL's. Raises ``ValueError`` for
-    a URL or setting that cannot work.
-    """
-    url = config.remote_url
-    if not url:
-        raise ValueError("remote_url is not set; e.g. remote_url: redis://cache:6379/0")
-    password = config.password()
-    if password is None and config.remote_password_env:
-        raise ValueError(
-            f"remote_password_env names {config.remote_password_env}, which is not set; "
-            "export it or remove the setting"
-        )
-    scheme = url.partition("://")[0].lower()
-    options: dict = {
-        "socket_timeout": config.remote_timeout_s,
-        "socket_connect_timeout": config.remote_timeout_s,
-        "client_name": "kvshelf",
-    }
-    if scheme.startswith("rediss"):
-        options.update(_tls_options(config))
-    if scheme in CLUSTER_SCHEMES:
-        connect = _cluster_connector(url, password, options)
-    elif scheme in ("redis", "rediss", "unix"):
-        connect = _standalone_connector(url, password, options)
-    else:
-        raise ValueError(
-            f"remote_url {redact_url(url)!r}: unknown scheme {scheme!r}; use redis://, "
-            "rediss://, unix:// or redis+cluster://"
-        )
-    secrets = [password or "", _url_password(url) or ""]
-    return RedisStore(
-        connect,
-        url,
-        part_bytes=int(config.remote_part_bytes),
-        ttl_s=config.remote_ttl_s,
-        buffers=buffers,
-        secrets=secrets,
-    )
-
-
-def _tls_options(config: KVShelfConfig) -> dict:
-    files = {
-        "ssl_ca_certs": config.remote_ca_certs,
-        "ssl_certfile": config.remote_certfile,
-        "ssl_keyfile": config.remote_keyfile,
-    }
-    for name, path in files.items():
-        if path is not None and not path.is_file():
-            raise ValueError(f"remote TLS file {path} ({name}) does not exist")
-    return {name: str(path) for name, path in files.items() if path is not None}
-
-
-def _standalone_connector(url: str, password: str | None, options: dict) -> Callable[[], Client]:
-    kwargs = {**redis.connection.parse_url(url), **options}
-    if password is not None:
-        kwargs["password"] = password
-    if kwargs.get("connection_class") is redis.UnixDomainSocketConnection:
-        del kwargs["socket_connect_timeout"]  # a unix connect does not wait on a network
-    # No retries: a failure is a miss at once, and the tier's backoff decides when to retry.
-    pool = redis.ConnectionPool(retry=Retry(NoBackoff(), 0), **kwargs)
-    return lambda: redis.Redis(connection_pool=pool)
-
-
-def _cluster_connector(url: str, password: str | None, options: dict) -> Callable[[], Client]:
-    scheme, _, rest = url.partition("://")
-    creds, _, hosts = rest.rpartition("@")
-    hosts, _, db = hosts.partition("/")
-    if db not in ("", "0") or "?" in hosts:
-        raise ValueError(f"remote_url {redact_url(url)!r}: a cluster has only db 0 and no options")
-    nodes = []
-    for host_port in hosts.split(","):
-        host, sep, port = host_port.strip().rpartition(":")
-        if not sep or not port.isdigit():
-            raise ValueError(f"remote_url {redact_url(url)!r}: write cluster nodes as host:port")
-        nodes.append(ClusterNode(host.strip("[]"), int(port)))
-    user, _, url_password = creds.partition(":") if creds else ("", "", "")
-    kwargs = dict(options)
-    if user:
-        kwargs["username"] = unquote(user)
-    if password is not None or url_password:
-        kwargs["password"] = password if password is not None else unquote(url_password)
-    if scheme.lower() == "rediss+cluster":
-        kwargs["ssl"] = True
-    return lambda: RedisCluster(startup_nodes=nodes, retry=Retry(NoBackoff(), 0), **kwargs)
-
-
-def _url_password(url: str) -> str | None:
-    creds = url.partition("://")[2].rpartition("@")[0]
-    return unquote(creds.partition(":")[2]) if ":" in creds else None

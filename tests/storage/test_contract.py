@@ -28,7 +28,7 @@ def store(request, tmp_path) -> Store:
     elif request.param == "disk":
         made = DiskStore(tmp_path / "disk", 64 * 2**20)
     else:
-        from kvshelf.storage.redis import open_remote
+        from kvshelf.storage.redis_connect import open_remote
 
         url = request.getfixturevalue("redis_url")
         config = load_config({"remote_url": url, "remote_part_bytes": PART_BYTES}, environ={})

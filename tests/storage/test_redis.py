@@ -23,14 +23,9 @@ from kvshelf.codec import Entry
 from kvshelf.config import KVShelfConfig
 from kvshelf.keys import StoreKey
 from kvshelf.storage.memory import MemoryStore
-from kvshelf.storage.redis import (
-    HEAD_BYTES,
-    RedisStore,
-    decode_head,
-    encode_head,
-    head_key,
-    open_remote,
-)
+from kvshelf.storage.redis import RedisStore
+from kvshelf.storage.redis_connect import open_remote
+from kvshelf.storage.redis_layout import HEAD_BYTES, decode_head, encode_head, head_key
 from kvshelf.testing.redis_server import RedisServer, find_server_binary
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
