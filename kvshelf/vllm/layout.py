@@ -143,22 +143,27 @@ def block_runs(block_ids: Sequence[int]) -> list[tuple[int, int, int]]:
 
 @dataclass
 class RowGroup:
-    """Items copied as rows of a contiguous cache layer through one staging buffer.
-
-    A save gathers the asked-for rows of a layer and copies each item's share out. A
-    load stages a *band* of ``band`` layers of every item's whole payload (one plain copy
-    per item and band, large enough to run at the link's speed), then, per layer, picks
-    the asked-for rows out of the band and writes them with one indexed kernel. The
-    per-row tensors below live on the device, in the order of ``cache_rows``."""
+    """Items copied as rows of a contiguous cache layer. A save gathers the asked-for rows
+    of a layer into one buffer and copies each item's share out with one plain copy."""
 
     items: list[tuple[torch.Tensor, int, list[int]]]  # (payload, first payload block, block ids)
-    cache_rows: torch.Tensor  # the cache row of each asked-for row
+    cache_rows: torch.Tensor  # the cache row of each asked-for row, on the device
+
+
+@dataclass
+class BandGroup(RowGroup):
+    """A load's :class:`RowGroup`. It stages a *band* of ``band`` layers of every item's
+    whole payload (one plain copy per item and band, large enough to run at the link's
+    speed), then, per layer, picks the asked-for rows out of the band and writes them
+    with one indexed kernel. The per-row tensors live on the device, in the order of
+    ``cache_rows``."""
+
     within: torch.Tensor  # its row inside its item's payload layer
     item_start: torch.Tensor  # rows of the payload layers of the items before its item
     item_rows: torch.Tensor  # rows of its item's payload layer
     num_rows: int  # rows of one layer of every item's payload
     whole: bool  # every item asks for all its payload's blocks
-    band: int  # layers staged at once for a load
+    band: int  # layers staged at once
     staged: tuple[int, torch.Tensor] | None = None  # (first layer, rows) of the band loaded
 
 
@@ -177,8 +182,8 @@ class BlockCopier:
     Payload tensors have :meth:`KVLayout.payload_shape` and live in host memory. A step's
     copies are planned once (:meth:`plan`) and run layer by layer. With ``rows`` (the
     default on a GPU when every raw view is contiguous) each layer's copies go through a
-    :class:`RowGroup` staging buffer: one plain copy per entry and one indexed kernel.
-    Otherwise, on a GPU, blocks whose ids run consecutively in long stretches are copied
+    staging buffer (:class:`RowGroup`, :class:`BandGroup`): plain copies per entry and one
+    indexed kernel. Otherwise, on a GPU, blocks whose ids run consecutively in long stretches are copied
     directly and scattered ids go through a staging buffer of blocks; on a CPU each run is
     copied directly. With ``non_blocking`` the copies are only enqueued on the current
     CUDA stream.
@@ -202,16 +207,22 @@ class BlockCopier:
         return flat.view(self.torch_dtype).view(self.layout.payload_shape(num_tokens))
 
     def plan(
-        self, items: Sequence[tuple[torch.Tensor, int, Sequence[int]]]
+        self, items: Sequence[tuple[torch.Tensor, int, Sequence[int]]], load: bool
     ) -> list[CopyGroup | RowGroup]:
-        """Group ``(payload, first payload block, block ids)`` items for copying."""
+        """Group ``(payload, first payload block, block ids)`` items for copying into the
+        cache (``load``) or out of it."""
         items = [(p, first, list(ids)) for p, first, ids in items if ids]
         if not items:
             return []
-        if self.row_tables is not None:
+        if self.row_tables is not None and load:
             most = max(p.size(self.layout.block_axis + 1) for p, _, _ in items)
             band = max(1, min(self.layout.num_layers, BAND_BYTES // (most * self.layer_block_bytes)))
-            return [self._row_group(g, band) for g in self._bounded(items, whole=True, layers=band)]
+            return [self._band_group(g, band) for g in self._bounded(items, whole=True, layers=band)]
+        if self.row_tables is not None:
+            return [
+                RowGroup(g, self._to_device(torch.cat([self._cache_rows(ids) for _, _, ids in g])))
+                for g in self._bounded(items, whole=False)
+            ]
         num_blocks = sum(len(ids) for _, _, ids in items)
         num_runs = sum(len(block_runs(ids)) for _, _, ids in items)
         if self.device.type == "cpu":
@@ -234,23 +245,29 @@ class BlockCopier:
         groups.append(current)
         return groups
 
-    def _row_group(self, items, band: int) -> RowGroup:
+    def _cache_rows(self, ids: list[int]) -> torch.Tensor:
+        """Rows of a contiguous cache layer ``[outer * blocks, row]`` holding ``ids``."""
         outer = math.prod(self.layout.outer)
         num_blocks = self.raws[0].size(self.layout.block_axis)
+        slices = torch.arange(outer, dtype=torch.long).unsqueeze(1)
+        return (slices * num_blocks + torch.tensor(ids, dtype=torch.long)).flatten()
+
+    def _band_group(self, items, band: int) -> BandGroup:
+        outer = math.prod(self.layout.outer)
         slices = torch.arange(outer, dtype=torch.long).unsqueeze(1)
         cache_rows, within, starts, sizes = [], [], [], []
         start, whole = 0, True
         for payload, first, ids in items:
             blocks = payload.size(self.layout.block_axis + 1)
             span = torch.arange(first, first + len(ids), dtype=torch.long)
-            cache_rows.append((slices * num_blocks + torch.tensor(ids, dtype=torch.long)).flatten())
+            cache_rows.append(self._cache_rows(ids))
             within.append((slices * blocks + span).flatten())
             starts.append(torch.full((outer * len(ids),), start, dtype=torch.long))
             sizes.append(torch.full((outer * len(ids),), outer * blocks, dtype=torch.long))
             whole = whole and first == 0 and len(ids) == blocks
             start += outer * blocks
         device = [self._to_device(torch.cat(t)) for t in (cache_rows, within, starts, sizes)]
-        return RowGroup(items, *device, num_rows=start, whole=whole, band=band)
+        return BandGroup(items, *device, num_rows=start, whole=whole, band=band)
 
     def _to_device(self, index: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":  # pinned, so the copy is truly asynchronous
@@ -261,7 +278,9 @@ class BlockCopier:
         ids = [block for _, _, block_ids in items for block in block_ids]
         return CopyGroup(items, self._to_device(torch.tensor(ids, dtype=torch.long)), len(ids))
 
-    def gather(self, groups: list[CopyGroup | RowGroup], layer: int, non_blocking: bool = False) -> None:
+    def gather(
+        self, groups: list[CopyGroup | RowGroup], layer: int, non_blocking: bool = False
+    ) -> None:
         """Copy every group's blocks of ``layer`` out of the cache into the payloads."""
         axis, raw = self.layout.block_axis, self.raws[layer]
         for group in groups:
@@ -281,11 +300,13 @@ class BlockCopier:
                 )
                 offset += len(ids)
 
-    def scatter(self, groups: list[CopyGroup | RowGroup], layer: int, non_blocking: bool = False) -> None:
+    def scatter(
+        self, groups: list[CopyGroup | BandGroup], layer: int, non_blocking: bool = False
+    ) -> None:
         """Copy every group's payload blocks of ``layer`` into the cache."""
         axis, raw = self.layout.block_axis, self.raws[layer]
         for group in groups:
-            if isinstance(group, RowGroup):
+            if isinstance(group, BandGroup):
                 self._scatter_rows(group, layer, non_blocking)
                 continue
             if group.index is None:
@@ -319,7 +340,7 @@ class BlockCopier:
                 )
             offset += part.size(0)
 
-    def _scatter_rows(self, group: RowGroup, layer: int, non_blocking: bool) -> None:
+    def _scatter_rows(self, group: BandGroup, layer: int, non_blocking: bool) -> None:
         first = layer - layer % group.band
         band = min(group.band, self.layout.num_layers - first)
         if group.staged is None or group.staged[0] != first:
@@ -333,7 +354,7 @@ class BlockCopier:
         if layer == first + band - 1:
             group.staged = None
 
-    def _stage_band(self, group: RowGroup, first: int, band: int, non_blocking: bool):
+    def _stage_band(self, group: BandGroup, first: int, band: int, non_blocking: bool):
         """Layers ``first .. first + band - 1`` of every item's payload, item after item."""
         row = self.layout.row_elems
         staged = torch.empty(

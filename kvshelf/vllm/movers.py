@@ -38,11 +38,11 @@ class SaveItem:
 
 
 def _load_plan(copier: BlockCopier, items: Sequence[LoadItem]):
-    return copier.plan([(i.payload, i.first_block, i.block_ids) for i in items])
+    return copier.plan([(i.payload, i.first_block, i.block_ids) for i in items], load=True)
 
 
 def _save_plan(copier: BlockCopier, items: Sequence[SaveItem]):
-    return copier.plan([(i.payload, 0, i.block_ids) for i in items])
+    return copier.plan([(i.payload, 0, i.block_ids) for i in items], load=False)
 
 
 class SyncMover:

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvshelf.vllm.layout import BlockCopier, LayoutError, block_runs, discover_layout, raw_view
+from kvshelf.vllm.layout import (
+    BlockCopier,
+    LayoutError,
+    RowGroup,
+    block_runs,
+    discover_layout,
+    raw_view,
+)
 from kvshelf.vllm.movers import LoadItem, SaveItem, SyncMover
 
 NUM_BLOCKS = 40
@@ -105,8 +112,9 @@ def test_row_groups_copy_like_direct_ones(shape, staging_blocks, band, monkeypat
     monkeypatch.setattr("kvshelf.vllm.layout.BAND_BYTES", band * 6 * copier.layer_block_bytes)
     first, second, third = payload(copier, 6), payload(copier, 5), payload(copier, 3)
     saves = [(first, 0, [30, 29, 28, 5, 4, 2]), (second, 0, [6, 7, 1, 3, 9]), (third, 0, [12, 13, 14])]
-    groups = copier.plan(saves)
+    groups = copier.plan(saves, load=False)
     assert len(groups) == (1 if staging_blocks == 1000 else 3)
+    assert all(type(g) is RowGroup for g in groups)  # saves stage only the asked-for rows
     for layer in range(layout.num_layers):
         copier.gather(groups, layer)
 
@@ -122,7 +130,7 @@ def test_row_groups_copy_like_direct_ones(shape, staging_blocks, band, monkeypat
     layout2, raws2 = discover_layout(target, NUM_BLOCKS, 4, "x")
     copier2 = BlockCopier(layout2, raws2, rows=True)
     loads = [(first, 2, [20, 21, 22, 23]), (second, 0, [36, 37, 38, 39, 0]), (third, 1, [16])]
-    groups = copier2.plan(loads)
+    groups = copier2.plan(loads, load=True)
     assert {g.band for g in groups} == {band}
     for layer in range(layout.num_layers):
         copier2.scatter(groups, layer)
@@ -141,4 +149,4 @@ def test_row_groups_copy_like_direct_ones(shape, staging_blocks, band, monkeypat
 def test_row_groups_are_the_default_only_for_contiguous_gpu_caches():
     layout, raws = discover_layout(caches(), NUM_BLOCKS, 4, "x")
     assert BlockCopier(layout, raws).row_tables is None  # CPU: direct copies
-    assert BlockCopier(layout, raws, rows=True).plan([]) == []
+    assert BlockCopier(layout, raws, rows=True).plan([], load=True) == []
