@@ -32,7 +32,8 @@ TYPE_MEDIA: dict[str, tuple[str, ...]] = {
     "video": ("video",),
     "audio": ("audio",),
 }
-_PART_TYPES = {"image": "image_url", "audio": "audio_url", "video": "video_url"}
+# Content-part type per media kind, as the OpenAI/vLLM chat API names them.
+PART_TYPES: dict[str, str] = {"image": "image_url", "audio": "audio_url", "video": "video_url"}
 # Generated media (kvshelf.testing.media names) per type; multi-image uses other images than
 # single-image so the two prompts share no prefix.
 BUILTIN_MEDIA: dict[str, tuple[str, ...]] = {
@@ -64,7 +65,7 @@ class Media:
     label: str  # what to show the user: a file name or a shortened URL
 
     def part(self) -> dict[str, Any]:
-        part_type = _PART_TYPES[self.kind]
+        part_type = PART_TYPES[self.kind]
         return {"type": part_type, part_type: {"url": self.url}}
 
 
@@ -206,7 +207,7 @@ def _mime(name: str) -> str:
 
 def _kind_of_mime(mime: str, source: str) -> str:
     kind = mime.split("/", 1)[0]
-    if kind not in _PART_TYPES:
+    if kind not in PART_TYPES:
         raise MediaError(
             f"media {_short(source)!r}: cannot tell whether it is an image, audio or video "
             f"(type {mime or 'unknown'}); use a file name ending in .png/.jpg, .wav/.mp3 or "

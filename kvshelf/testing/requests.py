@@ -14,10 +14,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from kvshelf.bench.payloads import PART_TYPES, REQUEST_TYPES
 from kvshelf.testing.media import mime_type
 from kvshelf.testing.tokenizer import CORPUS_WORDS
-
-REQUEST_TYPES: tuple[str, ...] = ("text-only", "single-image", "multi-image", "video", "audio")
 
 # Media (names from kvshelf.testing.media.make_media) each request type sends by default.
 DEFAULT_MEDIA: dict[str, tuple[str, ...]] = {
@@ -27,9 +26,6 @@ DEFAULT_MEDIA: dict[str, tuple[str, ...]] = {
     "video": ("video_a",),
     "audio": ("audio_a",),
 }
-
-# Content-part type per media kind, as the OpenAI/vLLM chat API names them.
-_PART_TYPES: dict[str, str] = {"image": "image_url", "audio": "audio_url", "video": "video_url"}
 
 
 def data_url(path: str | os.PathLike[str]) -> str:
@@ -45,7 +41,7 @@ def file_url(path: str | os.PathLike[str]) -> str:
 
 def media_part(path: str | os.PathLike[str], *, use_file_url: bool = False) -> dict[str, Any]:
     """A content part (`image_url`, `audio_url` or `video_url`) chosen by the file's MIME type."""
-    part_type = _PART_TYPES[mime_type(path).split("/")[0]]
+    part_type = PART_TYPES[mime_type(path).split("/")[0]]
     url = file_url(path) if use_file_url else data_url(path)
     return {"type": part_type, part_type: {"url": url}}
 

@@ -19,8 +19,6 @@ pytestmark = pytest.mark.vllm
 FILLER = 600
 
 
-
-
 @pytest.mark.parametrize("policy", ["recompute", "fail"])
 def test_load_failures_follow_the_policy_and_never_kill_the_engine(policy, idefics3, media, tmp_path):
     # Prefetch off: lookups only check that entries exist and loads read them, so a
