@@ -14,7 +14,10 @@ of text, each setup runs in its own vLLM server, one after another:
   lmcache         LMCache's LMCacheConnectorV1 (CPU tier), prefix caching off
 
 It prints a table (median TTFT per setup and size, warm speedup, kvshelf's load GB/s vs
-the pinned host->device copy measured here), writes OUT/ttft.json and OUT/ttft.png.
+the pinned host->device copy measured here), writes OUT/ttft.json and OUT/ttft.png. With
+--profile, baseline and kvshelf servers also record one cold and one warm request of
+each size in vLLM's torch profiler: OUT/profile/<model>_<setup>/*.json.gz (kvshelf's
+hooks are the kvshelf.* ranges; benchmarks/gpu/trace.py summarises them).
 
 usage: python benchmarks/gpu/ttft.py MODEL_DIR --out OUT [--setups ...] [--sizes 8k,32k]
 """
@@ -28,6 +31,7 @@ import json
 import os
 import random
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -124,10 +128,20 @@ def kv_transfer(connector: str, extra: dict | None = None, **more) -> list[str]:
     return ["--kv-transfer-config", json.dumps(config)]
 
 
-def setup_args(setup: str, work: Path, max_len: int, tp: int = 1) -> tuple[list[str], dict[str, str]]:
+PROFILED = ("baseline", "kvshelf", "kvshelf_mem")
+
+
+def setup_args(setup: str, work: Path, max_len: int, tp: int = 1,
+               profile: bool = False) -> tuple[list[str], dict[str, str]]:
     common = ["--load-format", "dummy", "--max-model-len", str(max_len),
               "--gpu-memory-utilization", "0.85", "--served-model-name", "m",
               "--tensor-parallel-size", str(tp)]
+    if profile and setup in PROFILED:
+        traces = work / "profile" / setup
+        shutil.rmtree(traces, ignore_errors=True)  # only this server's trace in there
+        common += ["--profiler-config", json.dumps({
+            "profiler": "torch", "torch_profiler_dir": str(traces.resolve()),
+            "torch_profiler_with_stack": False, "ignore_frontend": True})]
     env: dict[str, str] = {}
     if setup == "baseline":
         return common, env
@@ -207,10 +221,31 @@ def drop_page_cache() -> bool:
         return False
 
 
+def profile_requests(client, server, work: Path, out: Path, setup: str, model: str,
+                     words: list[str], sizes: list[str]) -> None:
+    """Per size, one cold and one warm request (prompt 98, never measured) under the
+    profiler; the trace goes to OUT/profile/<model>_<setup>/."""
+    traces = work / "profile" / setup
+    client.post(f"{server.url}/start_profile").raise_for_status()
+    for size in sizes:
+        for phase in ("cold", "warm"):
+            seconds, _ = ttft(client, server, chat_body("m", words, size, 98))
+            print(f"  {setup:15s} {size:4s} {phase:5s} profiled: {seconds * 1e3:8.1f} ms", flush=True)
+    client.post(f"{server.url}/stop_profile").raise_for_status()
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not list(traces.rglob("*.json*")):
+        time.sleep(1)  # the worker writes its trace after stop_profile returns
+    time.sleep(5)
+    keep = out / "profile" / f"{model}_{setup}"
+    keep.mkdir(parents=True, exist_ok=True)
+    for path in traces.rglob("*.json*"):
+        shutil.copy(path, keep / path.name)
+
+
 def run_setup(setup, model_dir, work, results, words, sizes, cold_prompts, warm_repeats,
-              server_box, log_dir, tp=1):
+              server_box, log_dir, tp=1, profile=False):
     max_len = 4096 if SIZES["8k"] == SMOKE_SIZES["8k"] else 34000
-    args, env = setup_args(setup, work, max_len, tp)
+    args, env = setup_args(setup, work, max_len, tp, profile)
     env = {**os.environ, **env}
     log = work / f"serve_{setup}.log"
     if setup == "kvshelf_disk":
@@ -241,6 +276,8 @@ def run_setup(setup, model_dir, work, results, words, sizes, cold_prompts, warm_
                 measure(client, server, results, setup, words, size, prompts, "warm")
             else:
                 measure(client, server, results, setup, words, size, prompts[-1:], "warm", warm_repeats)
+        if profile and setup in PROFILED:
+            profile_requests(client, server, work, log_dir, setup, model_dir.name, words, sizes)
         if setup in ("baseline", "kvshelf", "kvshelf_mem"):
             results.throughput[setup] = throughput(server, words)
     loads = [int(b) / float(ms) / 1e6 for b, ms in _LOADED.findall(server.log_text(since_start=True))
@@ -352,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warm-repeats", type=int, default=5)
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (GPUs)")
     parser.add_argument("--smoke", action="store_true", help="CPU dry run with short prompts")
+    parser.add_argument("--profile", action="store_true",
+                        help="trace one cold and one warm request per baseline/kvshelf server")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -378,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
             chosen = [s for s in chosen if s in sizes]
             try:
                 run_setup(setup, args.model_dir, args.work, results, words, chosen,
-                          {"8k": 5, "32k": 3}, args.warm_repeats, servers, args.out, args.tp)
+                          {"8k": 5, "32k": 3}, args.warm_repeats, servers, args.out, args.tp,
+                          args.profile)
             except Exception as exc:  # noqa: BLE001 - one broken setup must not lose the rest
                 results.errors[setup] = f"{type(exc).__name__}: {exc}"[-2000:]
                 print(f"!! {setup} failed: {exc}", flush=True)

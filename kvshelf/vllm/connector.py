@@ -1,7 +1,8 @@
 """KVShelfConnector: vLLM's KV connector interface, delegating to kvshelf.
 
 Each hook checks its role and delegates to the scheduler side
-(:mod:`kvshelf.vllm.scheduler`) or the worker side (:mod:`kvshelf.vllm.worker`).
+(:mod:`kvshelf.vllm.scheduler`) or the worker side (:mod:`kvshelf.vllm.worker`). The
+per-step hooks are named ranges in vLLM's torch profiler traces.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.profiler import record_function
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
@@ -61,7 +63,8 @@ class KVShelfConnector(KVConnectorBase_V1):
         self._worker_side().register_kv_caches(kv_caches)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        self._worker_side().start_load_kv(self._metadata(), forward_context)
+        with record_function("kvshelf.start_load_kv"):
+            self._worker_side().start_load_kv(self._metadata(), forward_context)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         self._worker_side().wait_for_layer_load(layer_name)
@@ -71,7 +74,8 @@ class KVShelfConnector(KVConnectorBase_V1):
             self._worker_side().save_kv_layer(self._metadata(), layer_name)
 
     def wait_for_save(self) -> None:
-        self._worker_side().wait_for_save(self._metadata())
+        with record_function("kvshelf.wait_for_save"):
+            self._worker_side().wait_for_save(self._metadata())
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker_side().take_load_errors()
@@ -84,7 +88,8 @@ class KVShelfConnector(KVConnectorBase_V1):
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
-        return self._scheduler_side().get_num_new_matched_tokens(request, num_computed_tokens)
+        with record_function("kvshelf.lookup"):
+            return self._scheduler_side().get_num_new_matched_tokens(request, num_computed_tokens)
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
@@ -92,7 +97,8 @@ class KVShelfConnector(KVConnectorBase_V1):
         self._scheduler_side().update_state_after_alloc(request, blocks, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        return self._scheduler_side().build_connector_meta(scheduler_output)
+        with record_function("kvshelf.build_connector_meta"):
+            return self._scheduler_side().build_connector_meta(scheduler_output)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, Any]:
         return self._scheduler_side().request_finished(request, block_ids)

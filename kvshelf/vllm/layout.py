@@ -14,21 +14,22 @@ device staging buffer plus one indexed kernel, whatever the block ids look like.
 
 The layout signature (backend, dtype, raw shape, block size, layers) goes into the cache
 namespace, so bytes written under one layout are never read under another. Only torch is
-imported here: this module is testable without vLLM.
+imported here (and numpy): this module is testable without vLLM.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 MAX_RUNS = 16  # CPU: more runs of consecutive block ids than this -> one indexed copy
 DIRECT_COPY_BYTES = 2 << 20  # GPU, strided caches: copy runs directly above this average
-STAGING_BYTES = 256 << 20  # GPU: bound on one staging buffer
-BAND_BYTES = 4 << 20  # GPU loads: stage this much of an entry (several layers) per copy
+STAGING_BYTES = 128 << 20  # GPU: bound on one staging buffer
+BAND_BYTES = 32 << 20  # GPU loads: stage this much of an entry (several layers) per copy
 
 
 class LayoutError(ValueError):
@@ -144,10 +145,13 @@ def block_runs(block_ids: Sequence[int]) -> list[tuple[int, int, int]]:
 @dataclass
 class RowGroup:
     """Items copied as rows of a contiguous cache layer. A save gathers the asked-for rows
-    of a layer into one buffer and copies each item's share out with one plain copy."""
+    of a layer into one buffer and copies each item's share out with one plain copy
+    (all of a layer's copies in one call: ``layers[i][layer]`` is item i's destination)."""
 
     items: list[tuple[torch.Tensor, int, list[int]]]  # (payload, first payload block, block ids)
     cache_rows: torch.Tensor  # the cache row of each asked-for row, on the device
+    layers: list[tuple[torch.Tensor, ...]] | None = None  # per item, its payload's layers as rows
+    sizes: list[int] | None = None  # rows of each item
 
 
 @dataclass
@@ -155,15 +159,14 @@ class BandGroup(RowGroup):
     """A load's :class:`RowGroup`. It stages a *band* of ``band`` layers of every item's
     whole payload (one plain copy per item and band, large enough to run at the link's
     speed), then, per layer, picks the asked-for rows out of the band and writes them
-    with one indexed kernel. The per-row tensors live on the device, in the order of
-    ``cache_rows``."""
+    with one indexed kernel. ``picks[b][k]`` holds, for a band of ``b`` layers, the
+    staged row of each asked-for row of its k-th layer, in the order of ``cache_rows``
+    (none when every item is whole and bands are single layers)."""
 
-    within: torch.Tensor  # its row inside its item's payload layer
-    item_start: torch.Tensor  # rows of the payload layers of the items before its item
-    item_rows: torch.Tensor  # rows of its item's payload layer
-    num_rows: int  # rows of one layer of every item's payload
-    whole: bool  # every item asks for all its payload's blocks
-    band: int  # layers staged at once
+    picks: dict[int, torch.Tensor] = field(default_factory=dict)
+    num_rows: int = 0  # rows of one layer of every item's payload
+    whole: bool = True  # every item asks for all its payload's blocks
+    band: int = 1  # layers staged at once
     staged: tuple[int, torch.Tensor] | None = None  # (first layer, rows) of the band loaded
 
 
@@ -183,14 +186,19 @@ class BlockCopier:
     copies are planned once (:meth:`plan`) and run layer by layer. With ``rows`` (the
     default on a GPU when every raw view is contiguous) each layer's copies go through a
     staging buffer (:class:`RowGroup`, :class:`BandGroup`): plain copies per entry and one
-    indexed kernel. Otherwise, on a GPU, blocks whose ids run consecutively in long stretches are copied
-    directly and scattered ids go through a staging buffer of blocks; on a CPU each run is
-    copied directly. With ``non_blocking`` the copies are only enqueued on the current
-    CUDA stream.
+    indexed kernel; a load stages ``band_bytes`` (default BAND_BYTES) of each entry per
+    copy. Otherwise, on a GPU, blocks whose ids run consecutively in long stretches are
+    copied directly and scattered ids go through a staging buffer of blocks; on a CPU each
+    run is copied directly. With ``non_blocking`` the copies are only enqueued on the
+    current CUDA stream.
     """
 
-    def __init__(self, layout: KVLayout, raws: Sequence[torch.Tensor], rows: bool | None = None):
+    def __init__(
+        self, layout: KVLayout, raws: Sequence[torch.Tensor], rows: bool | None = None,
+        band_bytes: int | None = None,
+    ):
         self.layout = layout
+        self.band_bytes = band_bytes
         self.raws = list(raws)
         self.device = self.raws[0].device
         self.torch_dtype = self.raws[0].dtype
@@ -216,13 +224,11 @@ class BlockCopier:
             return []
         if self.row_tables is not None and load:
             most = max(p.size(self.layout.block_axis + 1) for p, _, _ in items)
-            band = max(1, min(self.layout.num_layers, BAND_BYTES // (most * self.layer_block_bytes)))
+            band_bytes = self.band_bytes or BAND_BYTES
+            band = max(1, min(self.layout.num_layers, band_bytes // (most * self.layer_block_bytes)))
             return [self._band_group(g, band) for g in self._bounded(items, whole=True, layers=band)]
         if self.row_tables is not None:
-            return [
-                RowGroup(g, self._to_device(torch.cat([self._cache_rows(ids) for _, _, ids in g])))
-                for g in self._bounded(items, whole=False)
-            ]
+            return [self._row_group(g) for g in self._bounded(items, whole=False)]
         num_blocks = sum(len(ids) for _, _, ids in items)
         num_runs = sum(len(block_runs(ids)) for _, _, ids in items)
         if self.device.type == "cpu":
@@ -245,38 +251,63 @@ class BlockCopier:
         groups.append(current)
         return groups
 
-    def _cache_rows(self, ids: list[int]) -> torch.Tensor:
+    def _cache_rows(self, ids: list[int]) -> np.ndarray:
         """Rows of a contiguous cache layer ``[outer * blocks, row]`` holding ``ids``."""
         outer = math.prod(self.layout.outer)
         num_blocks = self.raws[0].size(self.layout.block_axis)
-        slices = torch.arange(outer, dtype=torch.long).unsqueeze(1)
-        return (slices * num_blocks + torch.tensor(ids, dtype=torch.long)).flatten()
+        slices = np.arange(outer, dtype=np.int64)[:, None] * num_blocks
+        return (slices + np.asarray(ids, dtype=np.int64)).ravel()
+
+    def _row_group(self, items) -> RowGroup:
+        rows = np.concatenate([self._cache_rows(ids) for _, _, ids in items])
+        group = RowGroup(items, self._to_device(rows)[0])
+        outer, row = math.prod(self.layout.outer), self.layout.row_elems
+        if all(first == 0 and len(ids) == p.size(self.layout.block_axis + 1) for p, first, ids in items):
+            group.layers = [p.view(p.size(0), -1, row).unbind(0) for p, _, _ in items]
+            group.sizes = [outer * len(ids) for _, _, ids in items]
+        return group
 
     def _band_group(self, items, band: int) -> BandGroup:
+        """The rows to write and, for each band size that occurs, where each sits in a
+        staged band (built on the host, then one copy to the device)."""
         outer = math.prod(self.layout.outer)
-        slices = torch.arange(outer, dtype=torch.long).unsqueeze(1)
+        slices = np.arange(outer, dtype=np.int64)[:, None]
         cache_rows, within, starts, sizes = [], [], [], []
         start, whole = 0, True
         for payload, first, ids in items:
             blocks = payload.size(self.layout.block_axis + 1)
-            span = torch.arange(first, first + len(ids), dtype=torch.long)
+            span = np.arange(first, first + len(ids), dtype=np.int64)
             cache_rows.append(self._cache_rows(ids))
-            within.append((slices * blocks + span).flatten())
-            starts.append(torch.full((outer * len(ids),), start, dtype=torch.long))
-            sizes.append(torch.full((outer * len(ids),), outer * blocks, dtype=torch.long))
+            within.append((slices * blocks + span).ravel())
+            starts.append(np.full(outer * len(ids), start, dtype=np.int64))
+            sizes.append(np.full(outer * len(ids), outer * blocks, dtype=np.int64))
             whole = whole and first == 0 and len(ids) == blocks
             start += outer * blocks
-        device = [self._to_device(torch.cat(t)) for t in (cache_rows, within, starts, sizes)]
-        return BandGroup(items, *device, num_rows=start, whole=whole, band=band)
+        within, item_start, item_rows = (np.concatenate(a) for a in (within, starts, sizes))
+        bands = {min(band, self.layout.num_layers - f) for f in range(0, self.layout.num_layers, band)}
+        if whole and band == 1:
+            bands = set()
+        # Row r of layer k of a band of b layers, item i: b * start_i + k * rows_i + r.
+        layer = np.arange(max(bands, default=1), dtype=np.int64)[:, None]
+        picks = {b: item_start * b + within + item_rows * layer[:b] for b in sorted(bands)}
+        device = self._to_device(np.concatenate(cache_rows), *picks.values())
+        table = dict(zip(picks, device[1:]))
+        return BandGroup(items, device[0], picks=table, num_rows=start, whole=whole, band=band)
 
-    def _to_device(self, index: torch.Tensor) -> torch.Tensor:
+    def _to_device(self, *arrays: np.ndarray) -> list[torch.Tensor]:
+        """``arrays`` as int64 tensors on the device: on a GPU, one pinned copy for all."""
+        flat = torch.from_numpy(np.concatenate([a.ravel() for a in arrays]).astype(np.int64))
         if self.device.type == "cuda":  # pinned, so the copy is truly asynchronous
-            return index.pin_memory().to(self.device, non_blocking=True)
-        return index
+            flat = flat.pin_memory().to(self.device, non_blocking=True)
+        out, offset = [], 0
+        for a in arrays:
+            out.append(flat[offset : offset + a.size].view(a.shape))
+            offset += a.size
+        return out
 
     def _staged_group(self, items) -> CopyGroup:
         ids = [block for _, _, block_ids in items for block in block_ids]
-        return CopyGroup(items, self._to_device(torch.tensor(ids, dtype=torch.long)), len(ids))
+        return CopyGroup(items, self._to_device(np.asarray(ids, dtype=np.int64))[0], len(ids))
 
     def gather(
         self, groups: list[CopyGroup | RowGroup], layer: int, non_blocking: bool = False
@@ -327,6 +358,10 @@ class BlockCopier:
 
     def _gather_rows(self, group: RowGroup, layer: int, non_blocking: bool) -> None:
         staged = self.row_tables[layer].index_select(0, group.cache_rows)
+        if group.layers is not None:  # whole items: one call for all the layer's copies
+            dsts = [layers[layer] for layers in group.layers]
+            torch._foreach_copy_(dsts, staged.split(group.sizes), non_blocking=non_blocking)
+            return
         axis, row = self.layout.block_axis, self.layout.row_elems
         offset = 0
         for payload, first, ids in group.items:
@@ -342,30 +377,48 @@ class BlockCopier:
 
     def _scatter_rows(self, group: BandGroup, layer: int, non_blocking: bool) -> None:
         first = layer - layer % group.band
-        band = min(group.band, self.layout.num_layers - first)
         if group.staged is None or group.staged[0] != first:
-            group.staged = (first, self._stage_band(group, first, band, non_blocking))
-        staged = group.staged[1]
-        if band > 1 or not group.whole:
-            # Row r of layer `layer` of item i sits at band * start_i + k * rows_i + r.
-            picked = group.item_start * band + group.item_rows * (layer - first) + group.within
-            staged = staged.index_select(0, picked)
-        self.row_tables[layer].index_copy_(0, group.cache_rows, staged)
-        if layer == first + band - 1:
+            group.staged = (first, self.stage_band(group, first, non_blocking=non_blocking))
+        self.scatter_staged(group, layer, first, group.staged[1])
+        if layer == first + self.band_size(group, first) - 1:
             group.staged = None
 
-    def _stage_band(self, group: BandGroup, first: int, band: int, non_blocking: bool):
-        """Layers ``first .. first + band - 1`` of every item's payload, item after item."""
+    def band_size(self, group: BandGroup, first: int) -> int:
+        """Layers in the band that starts at layer ``first``."""
+        return min(group.band, self.layout.num_layers - first)
+
+    def staging_elems(self, group: BandGroup) -> int:
+        """Elements of the staging buffer that one band of ``group`` needs."""
+        return group.band * group.num_rows * self.layout.row_elems
+
+    def stage_band(
+        self, group: BandGroup, first: int, out: torch.Tensor | None = None,
+        non_blocking: bool = False,
+    ) -> torch.Tensor:
+        """Copy the band of layers starting at ``first`` of every item's payload, item
+        after item, into ``out`` (a device buffer of at least :meth:`staging_elems`
+        elements of the cache dtype) or a new buffer; one plain copy per item."""
         row = self.layout.row_elems
-        staged = torch.empty(
-            (band * group.num_rows, row), dtype=self.torch_dtype, device=self.device
-        )
+        rows = self.band_size(group, first) * group.num_rows
+        if out is None:
+            staged = torch.empty((rows, row), dtype=self.torch_dtype, device=self.device)
+        else:
+            staged = out[: rows * row].view(rows, row)
         offset = 0
         for payload, _, _ in group.items:
-            src = payload[first : first + band].view(-1, row)  # contiguous: one plain copy
+            src = payload[first : first + group.band].view(-1, row)  # contiguous
             staged.narrow(0, offset, src.size(0)).copy_(src, non_blocking=non_blocking)
             offset += src.size(0)
         return staged
+
+    def scatter_staged(
+        self, group: BandGroup, layer: int, first: int, staged: torch.Tensor
+    ) -> None:
+        """Write ``layer``'s asked-for rows out of a band staged by :meth:`stage_band`."""
+        picks = group.picks.get(self.band_size(group, first))
+        if picks is not None:
+            staged = staged.index_select(0, picks[layer - first])
+        self.row_tables[layer].index_copy_(0, group.cache_rows, staged)
 
 
 def _copy_blocks(payload, first, raw, ids, axis, to_cache: bool, non_blocking: bool) -> None:

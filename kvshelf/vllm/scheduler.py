@@ -107,6 +107,8 @@ class SchedulerSide:
         if hit < MIN_HIT_TOKENS:
             hit = 0  # loading KV to skip a handful of tokens costs more than it saves
         state.hit_tokens = hit
+        # Everything the hit covers is stored already, media cuts included: never resave.
+        state.done.update(c.key for c in state.plan.all_chunks() if c.end <= hit)
         # vLLM must compute at least the last token itself to produce logits.
         usable = min(hit, request.num_tokens - 1)
         return max(0, usable - num_computed_tokens), False

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections import Counter
 from typing import TYPE_CHECKING
@@ -26,7 +27,7 @@ from kvshelf.keys import Chunk, Namespace
 from kvshelf.lookup import LookupServer, WorkerLookup, socket_path
 from kvshelf.vllm.layout import BlockCopier, KVLayout, discover_layout
 from kvshelf.vllm.metrics import series
-from kvshelf.vllm.movers import LoadItem, SaveItem, make_mover
+from kvshelf.vllm.movers import Completer, LoadItem, SaveItem, StepCopies, make_mover
 from kvshelf.vllm.scheduler import KVShelfMetadata, LoadSpec
 
 if TYPE_CHECKING:
@@ -56,7 +57,9 @@ class WorkerSide:
             "kvshelf_load_seconds": [],
             "kvshelf_save_seconds": [],
         }
+        self._seconds_lock = threading.Lock()
         self._reported: dict[str, int | float] = {}
+        self._completer = Completer()
 
     # -- setup -------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -107,8 +110,9 @@ class WorkerSide:
     def start_load_kv(self, meta: KVShelfMetadata, forward_context: object = None) -> None:
         if self.engine is None:
             return
-        for req_id in meta.released:
-            self._lookup.release(req_id)
+        if meta.released:  # after the copies in flight that may read what they hold
+            released = list(meta.released)
+            self._completer.after(None, lambda ok: self._release(released))
         if not meta.loads:
             return
         items: list[LoadItem] = []
@@ -151,6 +155,10 @@ class WorkerSide:
             self._loaded_tokens[origins.get(chunk.key, "")] += loaded
         return items
 
+    def _release(self, req_ids: list[str]) -> None:
+        for req_id in req_ids:
+            self._lookup.release(req_id)
+
     def _fail(self, spec: LoadSpec, first_block: int) -> None:
         """Report every block from ``first_block`` to the end of the load as failed."""
         last = math.ceil(spec.end / self.copier.layout.block_size)
@@ -181,37 +189,58 @@ class WorkerSide:
             self.mover.save_layer(index)
 
     def wait_for_save(self, meta: KVShelfMetadata) -> None:
+        """End of the step: the copies stay in flight; what must follow them (saved
+        entries to the engine, holds on loaded ones dropped) runs once they are done."""
         if self.engine is None:
             return
         started = time.perf_counter()
         try:
             if meta.saves:
                 self._begin_saves(meta)
-            self.mover.finish_saves()
+            done = self.mover.finish_step()
         except RuntimeError:  # a dropped save is only a future miss
             logger.exception("saving KV failed")
             self._drop_saves()
-        else:
-            if self._saving is not None:
-                self.engine.save(self._saving[1])
-                self._saving = None
-                self._seconds["kvshelf_save_seconds"].append(time.perf_counter() - started)
+            done = StepCopies()
+        saving, self._saving = self._saving, None
+        if saving is not None:
+            entries = saving[1]
+            self._completer.after(
+                done.wait_saved if done.saved is not None else None,
+                lambda ok: self._saved(entries, started, ok),
+            )
         if self._loaded:
-            self.mover.finish_loads()  # the host buffers must outlive the copies
-            for req_id in self._loaded:
-                self._lookup.release(req_id)
-            self._loaded = []
-            self._record_load()
+            loaded, nbytes = self._loaded, self._load_bytes
+            self._loaded, self._load_bytes = [], 0
+            self._completer.after(
+                done.wait_loaded if done.loaded is not None else None,
+                lambda ok: self._loads_done(loaded, nbytes, done, ok),
+            )
 
-    def _record_load(self) -> None:
-        seconds, nbytes = self.mover.last_load_s, self._load_bytes
-        self._load_bytes = 0
-        self._seconds["kvshelf_load_seconds"].append(seconds)
+    def _saved(self, entries: list[Entry], started: float, ok: bool) -> None:
+        if not ok:
+            for entry in entries:
+                self.engine.discard(entry)
+            return
+        self.engine.save(entries)
+        self._observe("kvshelf_save_seconds", time.perf_counter() - started)
+
+    def _loads_done(self, req_ids: list[str], nbytes: int, done: StepCopies, ok: bool) -> None:
+        for req_id in req_ids:  # the host buffers had to outlive the copies
+            self._lookup.release(req_id)
+        if not ok:
+            return
+        seconds = done.wait_loaded()
+        self._observe("kvshelf_load_seconds", seconds)
         if seconds > 0:
             logger.debug(
                 "loaded %d bytes in %.2f ms (%.2f GB/s)",
                 nbytes, seconds * 1e3, nbytes / seconds / 1e9,
             )
+
+    def _observe(self, name: str, seconds: float) -> None:
+        with self._seconds_lock:
+            self._seconds[name].append(seconds)
 
     def _begin_saves(self, meta: KVShelfMetadata) -> None:
         if self._saving is not None and self._saving[0] is meta:
@@ -265,14 +294,16 @@ class WorkerSide:
         counters = {k: v for k, v in counters.items() if v}
         changed = {k: v for k, v in gauges.items() if self._reported.get(k) != v}
         self._reported = {**totals, **gauges}
-        observations = {k: v for k, v in self._seconds.items() if v}
-        self._seconds = {k: [] for k in self._seconds}
+        with self._seconds_lock:
+            observations = {k: v for k, v in self._seconds.items() if v}
+            self._seconds = {k: [] for k in self._seconds}
         if not (counters or changed or observations):
             return None
         return {"counters": counters, "gauges": changed, "observations": observations}
 
     # -- the rest ----------------------------------------------------------------
     def shutdown(self) -> None:
+        self._completer.close()
         if self._server is not None:
             self._server.close()
         if self._lookup is not None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 
@@ -13,7 +16,7 @@ from kvshelf.vllm.layout import (
     discover_layout,
     raw_view,
 )
-from kvshelf.vllm.movers import LoadItem, SaveItem, SyncMover
+from kvshelf.vllm.movers import Completer, LoadItem, SaveItem, SyncMover
 
 NUM_BLOCKS = 40
 
@@ -68,7 +71,7 @@ def test_save_then_load_moves_exactly_those_blocks(ids):
     saved = payload(copier, len(ids))
     mover = SyncMover(copier)
     mover.begin_saves([SaveItem(saved, ids)])
-    mover.finish_saves()
+    mover.finish_step()
 
     target = {name: torch.zeros_like(t) for name, t in source.items()}
     layout2, raws2 = discover_layout(target, NUM_BLOCKS, 4, "x")
@@ -122,7 +125,7 @@ def test_row_groups_copy_like_direct_ones(shape, staging_blocks, band, monkeypat
     expected = [payload(reference, 6), payload(reference, 5), payload(reference, 3)]
     mover = SyncMover(reference)
     mover.begin_saves([SaveItem(p, ids) for p, (_, _, ids) in zip(expected, saves)])
-    mover.finish_saves()
+    mover.finish_step()
     for got, want in zip((first, second, third), expected):
         assert torch.equal(got, want)
 
@@ -150,3 +153,24 @@ def test_row_groups_are_the_default_only_for_contiguous_gpu_caches():
     layout, raws = discover_layout(caches(), NUM_BLOCKS, 4, "x")
     assert BlockCopier(layout, raws).row_tables is None  # CPU: direct copies
     assert BlockCopier(layout, raws, rows=True).plan([], load=True) == []
+
+
+def test_the_completer_runs_callbacks_in_order_after_their_waits():
+    release = threading.Event()
+    ran: list[tuple[str, bool]] = []
+    completer = Completer()
+    completer.after(None, lambda ok: ran.append(("inline", ok)))  # nothing queued: at once
+    assert ran == [("inline", True)]
+
+    def broken():
+        raise RuntimeError("copy failed")
+
+    completer.after(release.wait, lambda ok: ran.append(("first", ok)))
+    completer.after(broken, lambda ok: ran.append(("broken", ok)))
+    completer.after(None, lambda ok: ran.append(("queued", ok)))  # behind the others
+    time.sleep(0.05)
+    assert ran == [("inline", True)]  # the first wait holds every later callback
+    release.set()
+    assert completer.drain(5)
+    assert ran == [("inline", True), ("first", True), ("broken", False), ("queued", True)]
+    completer.close()
