@@ -30,6 +30,7 @@ MAX_RUNS = 16  # CPU: more runs of consecutive block ids than this -> one indexe
 DIRECT_COPY_BYTES = 2 << 20  # GPU, strided caches: copy runs directly above this average
 STAGING_BYTES = 128 << 20  # GPU: bound on one staging buffer
 BAND_BYTES = 32 << 20  # GPU loads: stage this much of an entry (several layers) per copy
+MIN_BANDS = 4  # GPU loads: at least this many bands, so early layers attend while later load
 
 
 class LayoutError(ValueError):
@@ -225,7 +226,8 @@ class BlockCopier:
         if self.row_tables is not None and load:
             most = max(p.size(self.layout.block_axis + 1) for p, _, _ in items)
             band_bytes = self.band_bytes or BAND_BYTES
-            band = max(1, min(self.layout.num_layers, band_bytes // (most * self.layer_block_bytes)))
+            most_layers = math.ceil(self.layout.num_layers / MIN_BANDS)
+            band = max(1, min(most_layers, band_bytes // (most * self.layer_block_bytes)))
             return [self._band_group(g, band) for g in self._bounded(items, whole=True, layers=band)]
         if self.row_tables is not None:
             return [self._row_group(g) for g in self._bounded(items, whole=False)]

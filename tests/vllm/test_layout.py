@@ -113,6 +113,7 @@ def test_row_groups_copy_like_direct_ones(shape, staging_blocks, band, monkeypat
     copier = BlockCopier(layout, raws, rows=True)
     monkeypatch.setattr("kvshelf.vllm.layout.STAGING_BYTES", staging_blocks * copier.layer_block_bytes)
     monkeypatch.setattr("kvshelf.vllm.layout.BAND_BYTES", band * 6 * copier.layer_block_bytes)
+    monkeypatch.setattr("kvshelf.vllm.layout.MIN_BANDS", 1)
     first, second, third = payload(copier, 6), payload(copier, 5), payload(copier, 3)
     saves = [(first, 0, [30, 29, 28, 5, 4, 2]), (second, 0, [6, 7, 1, 3, 9]), (third, 0, [12, 13, 14])]
     groups = copier.plan(saves, load=False)
@@ -147,6 +148,14 @@ def test_row_groups_copy_like_direct_ones(shape, staging_blocks, band, monkeypat
                 assert torch.equal(got, source[name].select(dim, moved[block])), (name, block)
             else:
                 assert not got.any(), (name, block)  # not asked for
+
+
+def test_loads_come_in_several_bands_however_small_the_entries():
+    # Early layers must be in place while later ones still load (layer-wise loading).
+    layout, raws = discover_layout(caches(layers=8), NUM_BLOCKS, 4, "x")
+    copier = BlockCopier(layout, raws, rows=True)  # tiny entries: one band would hold all
+    groups = copier.plan([(payload(copier, 2), 0, [3, 4])], load=True)
+    assert [g.band for g in groups] == [2]  # 8 layers in MIN_BANDS = 4 bands
 
 
 def test_row_groups_are_the_default_only_for_contiguous_gpu_caches():
