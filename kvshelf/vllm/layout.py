@@ -260,11 +260,16 @@ class BlockCopier:
         slices = np.arange(outer, dtype=np.int64)[:, None] * num_blocks
         return (slices + np.asarray(ids, dtype=np.int64)).ravel()
 
+    def _whole(self, item) -> bool:
+        """The item asks for every block of its payload."""
+        payload, first, ids = item
+        return first == 0 and len(ids) == payload.size(self.layout.block_axis + 1)
+
     def _row_group(self, items) -> RowGroup:
         rows = np.concatenate([self._cache_rows(ids) for _, _, ids in items])
         group = RowGroup(items, self._to_device(rows)[0])
         outer, row = math.prod(self.layout.outer), self.layout.row_elems
-        if all(first == 0 and len(ids) == p.size(self.layout.block_axis + 1) for p, first, ids in items):
+        if all(self._whole(item) for item in items):
             group.layers = [p.view(p.size(0), -1, row).unbind(0) for p, _, _ in items]
             group.sizes = [outer * len(ids) for _, _, ids in items]
         return group
@@ -283,7 +288,7 @@ class BlockCopier:
             within.append((slices * blocks + span).ravel())
             starts.append(np.full(outer * len(ids), start, dtype=np.int64))
             sizes.append(np.full(outer * len(ids), outer * blocks, dtype=np.int64))
-            whole = whole and first == 0 and len(ids) == blocks
+            whole = whole and self._whole((payload, first, ids))
             start += outer * blocks
         within, item_start, item_rows = (np.concatenate(a) for a in (within, starts, sizes))
         bands = {min(band, self.layout.num_layers - f) for f in range(0, self.layout.num_layers, band)}

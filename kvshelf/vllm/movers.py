@@ -45,21 +45,20 @@ class SaveItem:
 class StepCopies:
     """What a step's copies left in flight: CUDA events that pass once the loads (whose
     host sources must live until then) and the saves (whose entries are only complete
-    then) are done; ``None``: done already."""
+    then) are done; ``None``: done already. The loads' span ends after both load
+    streams' work."""
 
-    loaded: torch.cuda.Event | None = None
     saved: torch.cuda.Event | None = None
-    load_span: tuple[torch.cuda.Event, torch.cuda.Event] | None = None  # timing events
+    load_span: tuple[torch.cuda.Event, torch.cuda.Event] | None = None  # (begin, end)
     load_seconds: float = 0.0  # when measured on the host
 
     def wait_loaded(self) -> float:
         """Block until the loads are done; their copy time in seconds."""
-        if self.loaded is not None:
-            self.loaded.synchronize()
-        if self.load_span is not None:
-            begin, end = self.load_span
-            return begin.elapsed_time(end) / 1000
-        return self.load_seconds
+        if self.load_span is None:
+            return self.load_seconds
+        begin, end = self.load_span
+        end.synchronize()
+        return begin.elapsed_time(end) / 1000
 
     def wait_saved(self) -> None:
         if self.saved is not None:
@@ -212,7 +211,6 @@ class CudaMover:
             compute.wait_stream(self.load_stream)  # also covers layers no hook waited for
             self._layer_loaded = [None] * self.num_layers
             done.load_span, self._load_span = self._load_span, None
-            done.loaded = done.load_span[1]  # after both load streams' work
         if self._saves:
             for layer in range(self.num_layers):
                 self.save_layer(layer)

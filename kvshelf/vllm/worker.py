@@ -213,7 +213,7 @@ class WorkerSide:
             loaded, nbytes = self._loaded, self._load_bytes
             self._loaded, self._load_bytes = [], 0
             self._completer.after(
-                done.wait_loaded if done.loaded is not None else None,
+                done.wait_loaded if done.load_span is not None else None,
                 lambda ok: self._loads_done(loaded, nbytes, done, ok),
             )
 
@@ -226,8 +226,7 @@ class WorkerSide:
         self._observe("kvshelf_save_seconds", time.perf_counter() - started)
 
     def _loads_done(self, req_ids: list[str], nbytes: int, done: StepCopies, ok: bool) -> None:
-        for req_id in req_ids:  # the host buffers had to outlive the copies
-            self._lookup.release(req_id)
+        self._release(req_ids)  # the host buffers had to outlive the copies
         if not ok:
             return
         seconds = done.wait_loaded()
