@@ -3,11 +3,13 @@
 1. Pinned host<->device GB/s by size of each copy (2 GiB moved per size).
 2. kvshelf's CudaMover on synthetic paged caches shaped like the two 7B models of
    ttft.py (FLASH_ATTN layout, 16-token blocks, 256-token chunks, ~8.7K tokens, block
-   ids scattered at random): save GB/s, and load GB/s for several band sizes (how much
-   of an entry one host->device copy stages). Every load is checked byte for byte
-   against the blocks that were saved.
+   ids scattered at random): saves, for several save bands (how much of an entry one
+   device->host copy takes out): GB/s and the CPU time to enqueue a step's copies (what
+   a step pays when the GPU waits for the CPU); loads, for several bands (how much of an
+   entry one host->device copy stages): GB/s. Every load is checked byte for byte
+   against the blocks that were saved, with every save band.
 
-It prints both tables and writes OUT/copies.json and OUT/copies.png.
+It prints the tables and writes OUT/copies.json and OUT/copies.png.
 
 usage: python benchmarks/gpu/copies.py --out OUT [--repeats 5]
 """
@@ -32,6 +34,7 @@ SHAPES = {"llava7b": (32, 32, 128), "gqa7b": (28, 4, 128)}  # layers, KV heads, 
 BLOCK, CHUNK, TOKENS = 16, 256, 8704
 COPY_SIZES = [256 << 10, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB, 256 * MiB]
 BANDS = [4 * MiB, 8 * MiB, 16 * MiB, 32 * MiB, 64 * MiB]
+SAVE_BANDS = [0, 4 * MiB, 16 * MiB]  # 0: each layer of each entry goes out on its own
 
 
 def link(repeats: int) -> list[dict]:
@@ -81,19 +84,26 @@ class Rig:
     def blocks(self, ids: list[int], c: int) -> list[int]:
         return ids[c * self.per_chunk : (c + 1) * self.per_chunk]
 
-    def save(self, repeats: int) -> float:
-        mover = CudaMover(BlockCopier(self.layout, self.raws))
-        rates = []
+    def save(self, band_bytes: int, repeats: int) -> dict:
+        copier = BlockCopier(self.layout, self.raws, save_band_bytes=band_bytes)
+        mover = CudaMover(copier)
+        rates, enqueue = [], []
         for _ in range(repeats):
+            for payload in self.payloads:
+                payload.zero_()
             items = [SaveItem(p, self.blocks(self.source, c)) for c, p in enumerate(self.payloads)]
             torch.cuda.synchronize()
             began = time.perf_counter()
             mover.begin_saves(items)
             for layer in range(self.layout.num_layers):
                 mover.save_layer(layer)
-            mover.finish_step().wait_saved()
+            done = mover.finish_step()
+            enqueue.append(time.perf_counter() - began)
+            done.wait_saved()
             rates.append(self.nbytes / (time.perf_counter() - began) / 1e9)
-        return statistics.median(rates)
+        groups = copier.plan([(p, 0, self.blocks(self.source, 0)) for p in self.payloads[:1]], load=False)
+        return {"save_band_bytes": band_bytes, "save_layers": getattr(groups[0], "band", 1),
+                "save_gbps": statistics.median(rates), "enqueue_ms": statistics.median(enqueue) * 1e3}
 
     def load(self, band_bytes: int, repeats: int) -> dict:
         copier = BlockCopier(self.layout, self.raws, band_bytes=band_bytes)
@@ -118,32 +128,40 @@ class Rig:
                 "wall_gbps": self.nbytes / statistics.median(wall) / 1e9}
 
 
-def kvshelf_paths(repeats: int) -> list[dict]:
-    rows = []
+def kvshelf_paths(repeats: int) -> tuple[list[dict], list[dict]]:
+    saves, loads = [], []
     for model, shape in SHAPES.items():
         rig = Rig(*shape)
-        save = rig.save(repeats)
+        for band in SAVE_BANDS:  # each save band's entries are then loaded and checked
+            saves.append({"model": model, "bytes": rig.nbytes, **rig.save(band, repeats)})
+            rig.load(BANDS[0], 1)
         for band in BANDS:
-            rows.append({"model": model, "bytes": rig.nbytes, "save_gbps": save, **rig.load(band, repeats)})
+            loads.append({"model": model, "bytes": rig.nbytes, **rig.load(band, repeats)})
         del rig
         torch.cuda.empty_cache()
-    return rows
+    return saves, loads
 
 
-def report(link_rows: list[dict], kv_rows: list[dict], out: Path) -> None:
+def report(link_rows: list[dict], save_rows: list[dict], kv_rows: list[dict], out: Path) -> None:
     print(f"\n{torch.cuda.get_device_name()}: pinned copies, GB/s by copy size")
     print(f"{'copy':>9s} {'H2D':>7s} {'D2H':>7s}")
     for size in COPY_SIZES:
         h2d, d2h = (next(r["gbps"] for r in link_rows if r["copy_bytes"] == size and r["kind"] == k)
                     for k in ("h2d", "d2h"))
         print(f"{size / MiB:7.2f}Mi {h2d:7.1f} {d2h:7.1f}")
-    print("\nkvshelf (CudaMover), ~8.7K tokens, block ids scattered; load checked byte for byte")
-    print(f"{'model':8s} {'GB':>5s} {'save':>6s} {'band':>7s} {'layers':>6s} {'load GPU':>8s} {'load wall':>9s}")
+    print("\nkvshelf saves (CudaMover), ~8.7K tokens, block ids scattered")
+    print(f"{'model':8s} {'GB':>5s} {'band':>7s} {'layers':>6s} {'GB/s':>6s} {'CPU ms to enqueue':>18s}")
+    for r in save_rows:
+        print(f"{r['model']:8s} {r['bytes'] / 1e9:5.2f} {r['save_band_bytes'] / MiB:5.0f}Mi "
+              f"{r['save_layers']:6d} {r['save_gbps']:6.1f} {r['enqueue_ms']:18.2f}")
+    print("\nkvshelf loads (CudaMover), same entries; every load checked byte for byte")
+    print(f"{'model':8s} {'GB':>5s} {'band':>7s} {'layers':>6s} {'load GPU':>8s} {'load wall':>9s}")
     for r in kv_rows:
-        print(f"{r['model']:8s} {r['bytes'] / 1e9:5.2f} {r['save_gbps']:6.1f} "
+        print(f"{r['model']:8s} {r['bytes'] / 1e9:5.2f} "
               f"{r['band_bytes'] / MiB:5.0f}Mi {r['band_layers']:6d} {r['gpu_gbps']:8.1f} {r['wall_gbps']:9.1f}")
     (out / "copies.json").write_text(json.dumps(
-        {"device": torch.cuda.get_device_name(), "link": link_rows, "kvshelf": kv_rows}, indent=1))
+        {"device": torch.cuda.get_device_name(), "link": link_rows, "saves": save_rows,
+         "loads": kv_rows}, indent=1))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -179,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     link_rows = link(args.repeats)
-    kv_rows = kvshelf_paths(args.repeats)
-    report(link_rows, kv_rows, args.out)
+    save_rows, kv_rows = kvshelf_paths(args.repeats)
+    report(link_rows, save_rows, kv_rows, args.out)
     return 0
 
 

@@ -14,7 +14,9 @@ of text, each setup runs in its own vLLM server, one after another:
   lmcache         LMCache's LMCacheConnectorV1 (CPU tier), prefix caching off
 
 It prints a table (median TTFT per setup and size, warm speedup, kvshelf's load GB/s vs
-the pinned host->device copy measured here), writes OUT/ttft.json and OUT/ttft.png. With
+the pinned host->device copy measured here) and where each phase's time went by vLLM's
+own request metrics (before the engine, waiting in the scheduler, from being scheduled
+to the first token), writes OUT/ttft.json and OUT/ttft.png. With
 --profile, baseline and kvshelf servers also record one cold and one warm request of
 each size in vLLM's torch profiler: OUT/profile/<model>_<setup>/*.json.gz (kvshelf's
 hooks are the kvshelf.* ranges; benchmarks/gpu/trace.py summarises them).
@@ -50,6 +52,11 @@ from kvshelf.testing.server import VllmServer, free_port
 SIZES = {"8k": 7500, "32k": 28500}  # words of text -> ~8.5K / ~32.5K prompt tokens
 SMOKE_SIZES = {"8k": 300, "32k": 600}  # --smoke: a CPU dry run of the whole flow
 _LOADED = re.compile(r"loaded (\d+) bytes in ([\d.]+) ms")
+SPANS = {  # vLLM histogram -> the part of a request's TTFT it times
+    "server": "vllm:time_to_first_token_seconds",  # the API server's arrival to the first token
+    "queue": "vllm:request_queue_time_seconds",  # waiting in the scheduler (lookups included)
+    "prefill": "vllm:request_prefill_time_seconds",  # first scheduled to the first token
+}
 
 
 @dataclass
@@ -73,6 +80,7 @@ class Results:
     throughput: dict[str, dict] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    spans: list[dict] = field(default_factory=list)  # per setup, size and phase: mean ms
 
 
 # -- prompts -----------------------------------------------------------------
@@ -180,15 +188,54 @@ def ttft(client: httpx.Client, server: VllmServer, body: dict) -> tuple[float, i
 
 
 def measure(client, server, results, setup, words, size, prompts, phase, repeats=1):
+    before, seconds_list = histogram_sums(client, server), []
     for prompt in prompts:
         for _ in range(repeats):
             seconds, tokens = ttft(client, server, chat_body("m", words, size, prompt))
+            seconds_list.append(seconds)
             results.samples.append(Sample(setup, size, phase, prompt, seconds, tokens))
             print(f"  {setup:15s} {size:4s} {phase:5s} prompt {prompt}: "
                   f"{seconds * 1e3:8.1f} ms ({tokens} tokens)", flush=True)
+    time.sleep(0.5)  # finished requests reach the metrics a moment after their last chunk
+    after = histogram_sums(client, server)
+    means = {name: (after[name][0] - before[name][0]) / (after[name][1] - before[name][1]) * 1e3
+             for name in SPANS if name in before and name in after and after[name][1] > before[name][1]}
+    if means:
+        results.spans.append({"setup": setup, "size": size, "phase": phase,
+                              "client": statistics.mean(seconds_list) * 1e3, **means})
 
 
-def throughput(server: VllmServer, words: list[str], concurrency: int = 16, max_tokens: int = 128):
+def histogram_sums(client: httpx.Client, server: VllmServer) -> dict[str, tuple[float, float]]:
+    """(sum, count) of each of vLLM's SPANS histograms, over all their label sets."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = client.get(f"{server.url}/metrics").text
+    except httpx.HTTPError:
+        return {}
+    wanted = {metric: name for name, metric in SPANS.items()}
+    sums: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(text):
+        name = wanted.get(family.name)
+        if name is None:
+            continue
+        total = sums.setdefault(name, [0.0, 0.0])
+        for sample in family.samples:
+            if sample.name.endswith("_sum"):
+                total[0] += sample.value
+            elif sample.name.endswith("_count"):
+                total[1] += sample.value
+    return {name: (total[0], total[1]) for name, total in sums.items()}
+
+
+def throughput(server: VllmServer, words: list[str], bursts: int = 5) -> dict:
+    """Median output tokens/s over ``bursts`` bursts of simultaneous cold requests."""
+    runs = [burst(server, words) for _ in range(bursts)]
+    rates = [r["tokens_per_s"] for r in runs]
+    return {**runs[rates.index(statistics.median_high(rates))], "bursts": rates}
+
+
+def burst(server: VllmServer, words: list[str], concurrency: int = 16, max_tokens: int = 128) -> dict:
     """Output tokens/s for ``concurrency`` simultaneous ~1K-token requests (cold)."""
     results: list[tuple[float, int]] = []
 
@@ -349,10 +396,22 @@ def print_table(rows: list[dict], results: Results) -> None:
     for r in rows:
         print(f"{r['size']:5s} {r['prompt_tokens']:7d} {r['setup']:15s} {r['phase']:5s} "
               f"{r['ttft_ms']:9.1f} {r['speedup_vs_cold'] or '':>7} {r['target_ms'] or '':>9}")
+    if results.spans:
+        print("\nwhere TTFT went, means in ms (vLLM's request metrics): before the engine ="
+              " client TTFT - server TTFT; the rest of server TTFT is queue + prefill + hand-offs")
+        print(f"{'size':5s} {'setup':15s} {'phase':5s} {'client':>8s} {'before':>8s} {'queue':>8s}"
+              f" {'prefill':>8s} {'hand-offs':>9s}")
+        for r in sorted(results.spans, key=lambda r: (int(r["size"][:-1]), r["setup"], r["phase"])):
+            server = r.get("server", float("nan"))
+            handoffs = server - r.get("queue", float("nan")) - r.get("prefill", float("nan"))
+            print(f"{r['size']:5s} {r['setup']:15s} {r['phase']:5s} {r['client']:8.1f} "
+                  f"{r['client'] - server:8.1f} {r.get('queue', float('nan')):8.1f} "
+                  f"{r.get('prefill', float('nan')):8.1f} {handoffs:9.1f}")
     for setup, rates in results.load_gbps.items():
         print(f"{setup} load: median {statistics.median(rates):.1f} GB/s over {len(rates)} loads")
     for setup, t in results.throughput.items():
-        print(f"{setup} throughput: {t['tokens_per_s']:.0f} output tokens/s")
+        print(f"{setup} throughput: {t['tokens_per_s']:.0f} output tokens/s (median of "
+              f"{' '.join(f'{r:.0f}' for r in t.get('bursts', []))})")
     for setup, error in results.errors.items():
         print(f"{setup} FAILED: {error}")
 

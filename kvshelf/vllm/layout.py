@@ -31,6 +31,7 @@ DIRECT_COPY_BYTES = 2 << 20  # GPU, strided caches: copy runs directly above thi
 STAGING_BYTES = 128 << 20  # GPU: bound on one staging buffer
 BAND_BYTES = 32 << 20  # GPU loads: stage this much of an entry (several layers) per copy
 MIN_BANDS = 4  # GPU loads: at least this many bands, so early layers attend while later load
+SAVE_BAND_BYTES = 4 << 20  # GPU saves: copy at least this much of an entry out per copy
 
 
 class LayoutError(ValueError):
@@ -157,18 +158,24 @@ class RowGroup:
 
 @dataclass
 class BandGroup(RowGroup):
-    """A load's :class:`RowGroup`. It stages a *band* of ``band`` layers of every item's
-    whole payload (one plain copy per item and band, large enough to run at the link's
-    speed), then, per layer, picks the asked-for rows out of the band and writes them
-    with one indexed kernel. ``picks[b][k]`` holds, for a band of ``b`` layers, the
-    staged row of each asked-for row of its k-th layer, in the order of ``cache_rows``
-    (none when every item is whole and bands are single layers)."""
+    """A :class:`RowGroup` moved a *band* of layers of every item's whole payload at a
+    time: one plain copy per item and band, large enough to run at the link's speed.
+    A load stages a band, then, per layer, picks the asked-for rows out of it and writes
+    them with one indexed kernel. A save gathers each layer's rows into their places in
+    a band and copies the band out once all its layers are in; its last layer is a band
+    of its own (``tail``), so little is left to copy when the forward ends.
+    ``picks[b][k]`` holds, for a band of ``b`` layers, the staged row of each asked-for
+    row of its k-th layer, in the order of ``cache_rows`` (none for single-layer bands
+    of whole items: there a layer's rows are the band as it is)."""
 
     picks: dict[int, torch.Tensor] = field(default_factory=dict)
     num_rows: int = 0  # rows of one layer of every item's payload
     whole: bool = True  # every item asks for all its payload's blocks
-    band: int = 1  # layers staged at once
-    staged: tuple[int, torch.Tensor] | None = None  # (first layer, rows) of the band loaded
+    band: int = 1  # layers moved at once
+    tail: bool = False  # the last layer is a band of its own
+    staged: tuple[int, torch.Tensor] | None = None  # loads: (first layer, rows) of the band
+    filling: dict[int, tuple[torch.Tensor, set[int]]] = field(default_factory=dict)  # saves:
+    # first layer of a band -> (its rows, the layers gathered into them so far)
 
 
 @dataclass
@@ -188,7 +195,7 @@ class BlockCopier:
     default on a GPU when every raw view is contiguous) each layer's copies go through a
     staging buffer (:class:`RowGroup`, :class:`BandGroup`): plain copies per entry and one
     indexed kernel; a load stages ``band_bytes`` (default BAND_BYTES) of each entry per
-    copy. Otherwise, on a GPU, blocks whose ids run consecutively in long stretches are
+    copy, a save copies out at least ``save_band_bytes`` (default SAVE_BAND_BYTES). Otherwise, on a GPU, blocks whose ids run consecutively in long stretches are
     copied directly and scattered ids go through a staging buffer of blocks; on a CPU each
     run is copied directly. With ``non_blocking`` the copies are only enqueued on the
     current CUDA stream.
@@ -196,10 +203,11 @@ class BlockCopier:
 
     def __init__(
         self, layout: KVLayout, raws: Sequence[torch.Tensor], rows: bool | None = None,
-        band_bytes: int | None = None,
+        band_bytes: int | None = None, save_band_bytes: int | None = None,
     ):
         self.layout = layout
         self.band_bytes = band_bytes
+        self.save_band_bytes = save_band_bytes
         self.raws = list(raws)
         self.device = self.raws[0].device
         self.torch_dtype = self.raws[0].dtype
@@ -230,6 +238,10 @@ class BlockCopier:
             band = max(1, min(most_layers, band_bytes // (most * self.layer_block_bytes)))
             return [self._band_group(g, band) for g in self._bounded(items, whole=True, layers=band)]
         if self.row_tables is not None:
+            band = self._save_band(items)
+            if band > 1:
+                return [self._band_group(g, band, tail=True)
+                        for g in self._bounded(items, whole=True, layers=band)]
             return [self._row_group(g) for g in self._bounded(items, whole=False)]
         num_blocks = sum(len(ids) for _, _, ids in items)
         num_runs = sum(len(block_runs(ids)) for _, _, ids in items)
@@ -238,6 +250,15 @@ class BlockCopier:
         if num_blocks / num_runs * self.layer_block_bytes >= DIRECT_COPY_BYTES:
             return [CopyGroup(items, None, num_blocks)]
         return [self._staged_group(g) for g in self._bounded(items, whole=False)]
+
+    def _save_band(self, items) -> int:
+        """Layers a save gathers before one copy per entry: 1 unless every entry is saved
+        whole and one layer of it is under SAVE_BAND_BYTES (short chunks, few KV heads)."""
+        if not all(self._whole(item) for item in items):
+            return 1
+        most = max(len(ids) for _, _, ids in items) * self.layer_block_bytes
+        wanted = SAVE_BAND_BYTES if self.save_band_bytes is None else self.save_band_bytes
+        return max(1, min(self.layout.num_layers, wanted // most))
 
     def _bounded(self, items, whole: bool, layers: int = 1) -> list[list]:
         """``items`` in groups whose staging buffer of ``layers`` layers stays within
@@ -274,7 +295,7 @@ class BlockCopier:
             group.sizes = [outer * len(ids) for _, _, ids in items]
         return group
 
-    def _band_group(self, items, band: int) -> BandGroup:
+    def _band_group(self, items, band: int, tail: bool = False) -> BandGroup:
         """The rows to write and, for each band size that occurs, where each sits in a
         staged band (built on the host, then one copy to the device)."""
         outer = math.prod(self.layout.outer)
@@ -291,15 +312,15 @@ class BlockCopier:
             whole = whole and self._whole((payload, first, ids))
             start += outer * blocks
         within, item_start, item_rows = (np.concatenate(a) for a in (within, starts, sizes))
-        bands = {min(band, self.layout.num_layers - f) for f in range(0, self.layout.num_layers, band)}
-        if whole and band == 1:
-            bands = set()
+        layers = self.layout.num_layers
+        bands = {band_span(layers, band, tail, layer)[1] for layer in range(layers)}
+        bands -= {1} if whole else set()
         # Row r of layer k of a band of b layers, item i: b * start_i + k * rows_i + r.
         layer = np.arange(max(bands, default=1), dtype=np.int64)[:, None]
         picks = {b: item_start * b + within + item_rows * layer[:b] for b in sorted(bands)}
         device = self._to_device(np.concatenate(cache_rows), *picks.values())
-        table = dict(zip(picks, device[1:]))
-        return BandGroup(items, device[0], picks=table, num_rows=start, whole=whole, band=band)
+        return BandGroup(items, device[0], picks=dict(zip(picks, device[1:])), num_rows=start,
+                         whole=whole, band=band, tail=tail)
 
     def _to_device(self, *arrays: np.ndarray) -> list[torch.Tensor]:
         """``arrays`` as int64 tensors on the device: on a GPU, one pinned copy for all."""
@@ -322,6 +343,9 @@ class BlockCopier:
         """Copy every group's blocks of ``layer`` out of the cache into the payloads."""
         axis, raw = self.layout.block_axis, self.raws[layer]
         for group in groups:
+            if isinstance(group, BandGroup):
+                self._gather_band(group, layer, non_blocking)
+                continue
             if isinstance(group, RowGroup):
                 self._gather_rows(group, layer, non_blocking)
                 continue
@@ -382,17 +406,52 @@ class BlockCopier:
                 )
             offset += part.size(0)
 
+    def _gather_band(self, group: BandGroup, layer: int, non_blocking: bool) -> None:
+        """Gather ``layer``'s rows into its band; once every layer of the band is in (in
+        whatever order they came), copy each item's share of the band out in one call."""
+        first, size = self.band_span(group, layer)
+        gathered = self.row_tables[layer].index_select(0, group.cache_rows)
+        picks = group.picks.get(size)
+        if picks is None:  # a single-layer band of whole items: the gathered rows are it
+            self._copy_band_out(group, first, size, gathered, non_blocking)
+            return
+        if first not in group.filling:
+            rows = torch.empty((size * group.num_rows, self.layout.row_elems),
+                               dtype=self.torch_dtype, device=self.device)
+            group.filling[first] = (rows, set())
+        staged, done = group.filling[first]
+        staged.index_copy_(0, picks[layer - first], gathered)
+        done.add(layer)
+        if len(done) == size:
+            del group.filling[first]
+            self._copy_band_out(group, first, size, staged, non_blocking)
+
+    def _copy_band_out(
+        self, group: BandGroup, first: int, size: int, staged: torch.Tensor, non_blocking: bool
+    ) -> None:
+        row, offset, dsts, srcs = self.layout.row_elems, 0, [], []
+        for payload, _, _ in group.items:
+            dst = payload[first : first + size].view(-1, row)  # contiguous
+            dsts.append(dst)
+            srcs.append(staged.narrow(0, offset, dst.size(0)))
+            offset += dst.size(0)
+        torch._foreach_copy_(dsts, srcs, non_blocking=non_blocking)
+
     def _scatter_rows(self, group: BandGroup, layer: int, non_blocking: bool) -> None:
-        first = layer - layer % group.band
+        first, size = self.band_span(group, layer)
         if group.staged is None or group.staged[0] != first:
             group.staged = (first, self.stage_band(group, first, non_blocking=non_blocking))
         self.scatter_staged(group, layer, first, group.staged[1])
-        if layer == first + self.band_size(group, first) - 1:
+        if layer == first + size - 1:
             group.staged = None
+
+    def band_span(self, group: BandGroup, layer: int) -> tuple[int, int]:
+        """(first layer, number of layers) of the band of ``group`` holding ``layer``."""
+        return band_span(self.layout.num_layers, group.band, group.tail, layer)
 
     def band_size(self, group: BandGroup, first: int) -> int:
         """Layers in the band that starts at layer ``first``."""
-        return min(group.band, self.layout.num_layers - first)
+        return self.band_span(group, first)[1]
 
     def staging_elems(self, group: BandGroup) -> int:
         """Elements of the staging buffer that one band of ``group`` needs."""
@@ -405,15 +464,15 @@ class BlockCopier:
         """Copy the band of layers starting at ``first`` of every item's payload, item
         after item, into ``out`` (a device buffer of at least :meth:`staging_elems`
         elements of the cache dtype) or a new buffer; one plain copy per item."""
-        row = self.layout.row_elems
-        rows = self.band_size(group, first) * group.num_rows
+        row, size = self.layout.row_elems, self.band_size(group, first)
+        rows = size * group.num_rows
         if out is None:
             staged = torch.empty((rows, row), dtype=self.torch_dtype, device=self.device)
         else:
             staged = out[: rows * row].view(rows, row)
         offset = 0
         for payload, _, _ in group.items:
-            src = payload[first : first + group.band].view(-1, row)  # contiguous
+            src = payload[first : first + size].view(-1, row)  # contiguous
             staged.narrow(0, offset, src.size(0)).copy_(src, non_blocking=non_blocking)
             offset += src.size(0)
         return staged
@@ -426,6 +485,16 @@ class BlockCopier:
         if picks is not None:
             staged = staged.index_select(0, picks[layer - first])
         self.row_tables[layer].index_copy_(0, group.cache_rows, staged)
+
+
+def band_span(num_layers: int, band: int, tail: bool, layer: int) -> tuple[int, int]:
+    """(first layer, number of layers) of the band holding ``layer``: bands of ``band``
+    layers from layer 0; with ``tail`` (and bands of several layers) the last layer alone."""
+    banded = num_layers - 1 if tail and band > 1 else num_layers
+    if layer >= banded:
+        return layer, 1
+    first = layer - layer % band
+    return first, min(band, banded - first)
 
 
 def _copy_blocks(payload, first, raw, ids, axis, to_cache: bool, non_blocking: bool) -> None:

@@ -64,6 +64,7 @@ class _Request:
     done: set[ChunkKey] = field(default_factory=set)  # cached or already saved
     block_ids: list[int] = field(default_factory=list)
     external_tokens: int = 0  # to load in the request's next step
+    checked: int = 0  # prompt tokens already looked at for saves
     logged: bool = False
 
 
@@ -210,6 +211,9 @@ class SchedulerSide:
         if state.plan is None or not self.save_enabled:
             return
         limit = min(computed + scheduled, state.num_prompt_tokens)
+        if limit <= state.checked:
+            return  # decoding, or recomputing what was looked at: nothing new to save
+        state.checked = limit
         ready = [c for c in state.plan.all_chunks() if c.end <= limit and c.key not in state.done]
         if ready:
             state.done.update(c.key for c in ready)

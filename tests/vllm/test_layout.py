@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from kvshelf.vllm.layout import (
+    BandGroup,
     BlockCopier,
     LayoutError,
     RowGroup,
+    band_span,
     block_runs,
     discover_layout,
     raw_view,
@@ -104,23 +106,28 @@ def test_staged_groups_copy_like_direct_ones():
 
 @pytest.mark.parametrize("shape", [(NUM_BLOCKS, 2, 4, 6), (2, NUM_BLOCKS, 4, 6)], ids=["blocks-first", "kv-first"])
 @pytest.mark.parametrize("staging_blocks", [1000, 5], ids=["one-group", "many-groups"])
-@pytest.mark.parametrize("band", [1, 2, 3], ids=["layer", "bands-of-2", "all-layers"])
+@pytest.mark.parametrize("band", [1, 2, 3, 5], ids=["layer", "bands-of-2", "bands-of-3", "all-layers"])
 def test_row_groups_copy_like_direct_ones(shape, staging_blocks, band, monkeypatch):
     # The GPU path for contiguous caches, run on CPU tensors: bands of whole payload
     # layers staged as rows, one indexed copy per group and layer; items pick their rows.
-    source = caches(shape)
+    source = caches(shape, layers=5)
     layout, raws = discover_layout(source, NUM_BLOCKS, 4, "x")
     copier = BlockCopier(layout, raws, rows=True)
     monkeypatch.setattr("kvshelf.vllm.layout.STAGING_BYTES", staging_blocks * copier.layer_block_bytes)
     monkeypatch.setattr("kvshelf.vllm.layout.BAND_BYTES", band * 6 * copier.layer_block_bytes)
+    monkeypatch.setattr("kvshelf.vllm.layout.SAVE_BAND_BYTES", band * 6 * copier.layer_block_bytes)
     monkeypatch.setattr("kvshelf.vllm.layout.MIN_BANDS", 1)
     first, second, third = payload(copier, 6), payload(copier, 5), payload(copier, 3)
     saves = [(first, 0, [30, 29, 28, 5, 4, 2]), (second, 0, [6, 7, 1, 3, 9]), (third, 0, [12, 13, 14])]
     groups = copier.plan(saves, load=False)
     assert len(groups) == (1 if staging_blocks == 1000 else 3)
-    assert all(type(g) is RowGroup for g in groups)  # saves stage only the asked-for rows
-    for layer in range(layout.num_layers):
+    if band == 1:  # entries' layers are big enough: each goes out as it is gathered
+        assert all(type(g) is RowGroup for g in groups)
+    else:  # small ones gather a band of layers first; the last layer goes out alone
+        assert all(isinstance(g, BandGroup) and g.band == band and g.tail for g in groups)
+    for layer in (3, 0, 4, 2, 1):  # in any order
         copier.gather(groups, layer)
+    assert not any(getattr(g, "filling", None) for g in groups)  # every band went out
 
     reference = BlockCopier(layout, raws)  # the plain CPU path, for the expected payloads
     expected = [payload(reference, 6), payload(reference, 5), payload(reference, 3)]
@@ -136,6 +143,7 @@ def test_row_groups_copy_like_direct_ones(shape, staging_blocks, band, monkeypat
     loads = [(first, 2, [20, 21, 22, 23]), (second, 0, [36, 37, 38, 39, 0]), (third, 1, [16])]
     groups = copier2.plan(loads, load=True)
     assert {g.band for g in groups} == {band}
+    assert not any(g.tail for g in groups)
     for layer in range(layout.num_layers):
         copier2.scatter(groups, layer)
     assert all(g.staged is None for g in groups)  # each band's buffer let go after its last layer
@@ -148,6 +156,17 @@ def test_row_groups_copy_like_direct_ones(shape, staging_blocks, band, monkeypat
                 assert torch.equal(got, source[name].select(dim, moved[block])), (name, block)
             else:
                 assert not got.any(), (name, block)  # not asked for
+
+
+def test_bands_start_at_layer_zero_and_a_tail_leaves_the_last_layer_alone():
+    def spans(layers, band, tail):
+        return sorted({band_span(layers, band, tail, layer) for layer in range(layers)})
+
+    assert spans(7, 3, tail=False) == [(0, 3), (3, 3), (6, 1)]
+    assert spans(7, 3, tail=True) == [(0, 3), (3, 3), (6, 1)]
+    assert spans(8, 4, tail=True) == [(0, 4), (4, 3), (7, 1)]
+    assert spans(4, 1, tail=True) == [(0, 1), (1, 1), (2, 1), (3, 1)]
+    assert spans(3, 5, tail=False) == [(0, 3)]
 
 
 def test_loads_come_in_several_bands_however_small_the_entries():
