@@ -324,12 +324,16 @@ class BlockCopier:
 
     def _to_device(self, *arrays: np.ndarray) -> list[torch.Tensor]:
         """``arrays`` as int64 tensors on the device: on a GPU, one pinned copy for all."""
-        flat = torch.from_numpy(np.concatenate([a.ravel() for a in arrays]).astype(np.int64))
+        flat = np.concatenate([a.ravel() for a in arrays]).astype(np.int64)
         if self.device.type == "cuda":  # pinned, so the copy is truly asynchronous
-            flat = flat.pin_memory().to(self.device, non_blocking=True)
+            host = torch.empty(flat.size, dtype=torch.int64, pin_memory=True)
+            host.numpy()[:] = flat  # not .pin_memory(): its is_pinned check can take ms
+            out_flat = host.to(self.device, non_blocking=True)
+        else:
+            out_flat = torch.from_numpy(flat)
         out, offset = [], 0
         for a in arrays:
-            out.append(flat[offset : offset + a.size].view(a.shape))
+            out.append(out_flat[offset : offset + a.size].view(a.shape))
             offset += a.size
         return out
 
