@@ -151,6 +151,8 @@ def setup_args(setup: str, work: Path, max_len: int, tp: int = 1,
             "profiler": "torch", "torch_profiler_dir": str(traces.resolve()),
             "torch_profiler_with_stack": False, "ignore_frontend": True})]
     env: dict[str, str] = {}
+    if tp > 1:  # vLLM's symmetric-memory all-reduce needs NVLink multicast, off on some hosts
+        env["VLLM_ALLREDUCE_USE_SYMM_MEM"] = "0"
     if setup == "baseline":
         return common, env
     if setup == "simple_offload":  # 1400 blocks of 16 tokens: two 8K prompts fit, not five
@@ -166,8 +168,7 @@ def setup_args(setup: str, work: Path, max_len: int, tp: int = 1,
             "KVShelfConnector", extra, kv_connector_module_path="kvshelf.vllm.connector"
         ), env
     if setup == "lmcache":
-        env = {"LMCACHE_CHUNK_SIZE": "256", "LMCACHE_LOCAL_CPU": "True",
-               "LMCACHE_MAX_LOCAL_CPU_SIZE": "40"}
+        env.update(LMCACHE_CHUNK_SIZE="256", LMCACHE_LOCAL_CPU="True", LMCACHE_MAX_LOCAL_CPU_SIZE="40")
         return common + ["--no-enable-prefix-caching"] + kv_transfer("LMCacheConnectorV1"), env
     raise ValueError(setup)
 
