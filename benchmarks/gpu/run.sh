@@ -19,6 +19,6 @@ case ${1:?usage: run.sh stage PART...|install|lmcache|llava7b|gqa7b} in
     W=$(mktemp -d); cat "$STAGE"/lmcache.part.* | tar xf - -C "$W"
     python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$W"/lmcache/*.whl
     python3 -c 'import lmcache; print("lmcache", lmcache.__version__)' ;;
-  llava7b) python3 "$here/ttft.py" "$MODELS/llava7b" --out "$OUT" --kv-bytes-per-token 524288 "${@:2}" ;;
-  gqa7b) python3 "$here/ttft.py" "$MODELS/gqa7b" --out "$OUT" --kv-bytes-per-token 57344 "${@:2}" ;;
+  llava7b) exec python3 "$here/ttft.py" "$MODELS/llava7b" --out "$OUT" --kv-bytes-per-token 524288 "${@:2}" ;;
+  gqa7b) exec python3 "$here/ttft.py" "$MODELS/gqa7b" --out "$OUT" --kv-bytes-per-token 57344 "${@:2}" ;;
 esac

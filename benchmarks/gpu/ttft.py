@@ -3,6 +3,8 @@
 For one model directory (see models.py) and prompts of an image plus ~8K and ~32K tokens
 of text, each setup runs in its own vLLM server, one after another:
 
+  none            no connector, prefix caching off: every request is cold (the reference
+                  for requests kvshelf has no hit for, and for throughput)
   baseline        no connector, prefix caching on: each prompt's first request is cold,
                   its repeats hit vLLM's own GPU cache (the floor)
   simple_offload  vLLM's SimpleCPUOffloadConnector, GPU cache forced small so a prompt
@@ -34,6 +36,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -153,6 +156,8 @@ def setup_args(setup: str, work: Path, max_len: int, tp: int = 1,
     env: dict[str, str] = {}
     if tp > 1:  # vLLM's symmetric-memory all-reduce needs NVLink multicast, off on some hosts
         env["VLLM_ALLREDUCE_USE_SYMM_MEM"] = "0"
+    if setup == "none":
+        return common + ["--no-enable-prefix-caching"], env
     if setup == "baseline":
         return common, env
     if setup == "simple_offload":  # 1400 blocks of 16 tokens: two 8K prompts fit, not five
@@ -295,19 +300,27 @@ def run_setup(setup, model_dir, work, results, words, sizes, cold_prompts, warm_
     max_len = 4096 if SIZES["8k"] == SMOKE_SIZES["8k"] else 34000
     args, env = setup_args(setup, work, max_len, tp, profile)
     env = {**os.environ, **env}
-    log = work / f"serve_{setup}.log"
     if setup == "kvshelf_disk":
         server = server_box.get("kvshelf")
         if server is None:
             raise RuntimeError("kvshelf_disk needs the kvshelf server first")
+    else:
+        server = VllmServer(model_dir, port=free_port(), args=args, env=env,
+                            log_path=work / f"serve_{setup}.log", startup_timeout_s=900)
+        server_box[setup] = server
+    try:  # the server's log is kept whatever happens, a failed start included
+        measure_setup(setup, server, model_dir, work, results, words, sizes, cold_prompts,
+                      warm_repeats, log_dir, profile)
+    finally:
+        keep_log_lines(server, log_dir / f"serve_{setup}.log")
+
+
+def measure_setup(setup, server, model_dir, work, results, words, sizes, cold_prompts,
+                  warm_repeats, log_dir, profile):
+    if setup == "kvshelf_disk":
         server.stop()
         results.notes.append(f"page cache dropped before kvshelf_disk: {drop_page_cache()}")
-        server.start()
-    else:
-        server = VllmServer(model_dir, port=free_port(), args=args, env=env, log_path=log,
-                            startup_timeout_s=900)
-        server.start()
-        server_box[setup] = server
+    server.start()
     print(f"== {setup}: up in {server.startup_s:.0f} s", flush=True)
     if "pinning up to" in server.log_text(since_start=True):
         wait_for_log(server, "memory tier ready", 180)  # pinned memory is grown at start
@@ -319,6 +332,9 @@ def run_setup(setup, model_dir, work, results, words, sizes, cold_prompts, warm_
             if setup == "kvshelf_disk":
                 measure(client, server, results, setup, words, size, prompts, "warm")
                 continue
+            if setup == "none":  # nothing is cached: repeats would be cold again
+                measure(client, server, results, setup, words, size, prompts, "cold")
+                continue
             measure(client, server, results, setup, words, size, prompts, "cold")
             if setup == "simple_offload":  # revisit in order: each was evicted by later ones
                 measure(client, server, results, setup, words, size, prompts, "warm")
@@ -326,7 +342,7 @@ def run_setup(setup, model_dir, work, results, words, sizes, cold_prompts, warm_
                 measure(client, server, results, setup, words, size, prompts[-1:], "warm", warm_repeats)
         if profile and setup in PROFILED:
             profile_requests(client, server, work, log_dir, setup, model_dir.name, words, sizes)
-        if setup in ("baseline", "kvshelf", "kvshelf_mem"):
+        if setup in ("none", "baseline", "kvshelf", "kvshelf_mem"):
             results.throughput[setup] = throughput(server, words)
     loads = [int(b) / float(ms) / 1e6 for b, ms in _LOADED.findall(server.log_text(since_start=True))
              if float(ms) > 0 and int(b) > 1e8]
@@ -336,7 +352,6 @@ def run_setup(setup, model_dir, work, results, words, sizes, cold_prompts, warm_
         settle_disk(work / "kvshelf-disk")
     else:
         server.stop()
-    keep_log_lines(server, log_dir / f"serve_{setup}.log")
 
 
 def keep_log_lines(server: VllmServer, path: Path) -> None:
@@ -369,11 +384,12 @@ def table(results: Results, kv_bytes_per_token: int) -> list[dict]:
     rows = []
     sizes = sorted({s.size for s in results.samples}, key=lambda s: int(s[:-1]))
     for size in sizes:
-        cold = median_ttft(results, "baseline", size, "cold")
+        # Cold reference: no connector with prefix caching off where it ran, else with it on.
+        cold = median_ttft(results, "none", size, "cold") or median_ttft(results, "baseline", size, "cold")
         floor = median_ttft(results, "baseline", size, "warm")
         tokens = next((s.prompt_tokens for s in results.samples if s.size == size and s.prompt_tokens), 0)
         copy_s = tokens * kv_bytes_per_token / (results.h2d_gbps * 1e9) if results.h2d_gbps else None
-        for setup in ("baseline", "simple_offload", "kvshelf", "kvshelf_mem", "kvshelf_disk",
+        for setup in ("none", "baseline", "simple_offload", "kvshelf", "kvshelf_mem", "kvshelf_disk",
                       "lmcache"):
             for phase in ("cold", "warm"):
                 value = median_ttft(results, setup, size, phase)
@@ -443,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--work", type=Path, default=Path("/tmp/kvbench"))
-    parser.add_argument("--setups", default="baseline,kvshelf,kvshelf_disk,simple_offload,lmcache")
+    parser.add_argument("--setups", default="none,baseline,kvshelf,kvshelf_disk,simple_offload,lmcache")
     parser.add_argument("--sizes", default="8k,32k")
     parser.add_argument("--kv-bytes-per-token", type=int, required=True)
     parser.add_argument("--warm-repeats", type=int, default=5)
@@ -467,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     words = (args.model_dir / "words.txt").read_text().split()
     sizes = args.sizes.split(",")
     servers: dict[str, VllmServer] = {}
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout`: stop servers, keep logs
     try:
         for setup in args.setups.split(","):
             # vLLM's offloading and LMCache run at 8K only (their GPU/CPU sizing); kvshelf
