@@ -195,9 +195,10 @@ class BlockCopier:
     default on a GPU when every raw view is contiguous) each layer's copies go through a
     staging buffer (:class:`RowGroup`, :class:`BandGroup`): plain copies per entry and one
     indexed kernel; a load stages ``band_bytes`` (default BAND_BYTES) of each entry per
-    copy, a save copies out at least ``save_band_bytes`` (default SAVE_BAND_BYTES). Otherwise, on a GPU, blocks whose ids run consecutively in long stretches are
-    copied directly and scattered ids go through a staging buffer of blocks; on a CPU each
-    run is copied directly. With ``non_blocking`` the copies are only enqueued on the
+    copy, a save copies out at least ``save_band_bytes`` (default SAVE_BAND_BYTES).
+    Otherwise, on a GPU, blocks whose ids run consecutively in long stretches are copied
+    directly and scattered ids go through a staging buffer of blocks; on a CPU each run
+    is copied directly. With ``non_blocking`` the copies are only enqueued on the
     current CUDA stream.
     """
 
@@ -324,16 +325,16 @@ class BlockCopier:
 
     def _to_device(self, *arrays: np.ndarray) -> list[torch.Tensor]:
         """``arrays`` as int64 tensors on the device: on a GPU, one pinned copy for all."""
-        flat = np.concatenate([a.ravel() for a in arrays]).astype(np.int64)
+        values = np.concatenate([a.ravel() for a in arrays]).astype(np.int64)
         if self.device.type == "cuda":  # pinned, so the copy is truly asynchronous
-            host = torch.empty(flat.size, dtype=torch.int64, pin_memory=True)
-            host.numpy()[:] = flat  # not .pin_memory(): its is_pinned check can take ms
-            out_flat = host.to(self.device, non_blocking=True)
+            host = torch.empty(values.size, dtype=torch.int64, pin_memory=True)
+            host.numpy()[:] = values  # not .pin_memory(): its is_pinned check can take ms
+            flat = host.to(self.device, non_blocking=True)
         else:
-            out_flat = torch.from_numpy(flat)
+            flat = torch.from_numpy(values)
         out, offset = [], 0
         for a in arrays:
-            out.append(out_flat[offset : offset + a.size].view(a.shape))
+            out.append(flat[offset : offset + a.size].view(a.shape))
             offset += a.size
         return out
 
