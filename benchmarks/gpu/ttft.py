@@ -142,13 +142,18 @@ def kv_transfer(connector: str, extra: dict | None = None, **more) -> list[str]:
 PROFILED = ("baseline", "kvshelf", "kvshelf_mem")
 
 
+def trace_dir(work: Path, setup: str) -> Path:
+    """Where a profiled server writes its torch-profiler traces."""
+    return work / "profile" / setup
+
+
 def setup_args(setup: str, work: Path, max_len: int, tp: int = 1,
                profile: bool = False) -> tuple[list[str], dict[str, str]]:
     common = ["--load-format", "dummy", "--max-model-len", str(max_len),
               "--gpu-memory-utilization", "0.85", "--served-model-name", "m",
               "--tensor-parallel-size", str(tp)]
     if profile and setup in PROFILED:
-        traces = work / "profile" / setup
+        traces = trace_dir(work, setup)
         shutil.rmtree(traces, ignore_errors=True)  # only this server's trace in there
         common += ["--profiler-config", json.dumps({
             "profiler": "torch", "torch_profiler_dir": str(traces.resolve()),
@@ -278,7 +283,7 @@ def profile_requests(client, server, work: Path, out: Path, setup: str, model: s
                      words: list[str], sizes: list[str]) -> None:
     """Per size, one cold and one warm request (prompt 98, never measured) under the
     profiler; the trace goes to OUT/profile/<model>_<setup>/."""
-    traces = work / "profile" / setup
+    traces = trace_dir(work, setup)
     client.post(f"{server.url}/start_profile").raise_for_status()
     for size in sizes:
         for phase in ("cold", "warm"):
@@ -332,10 +337,9 @@ def measure_setup(setup, server, model_dir, work, results, words, sizes, cold_pr
             if setup == "kvshelf_disk":
                 measure(client, server, results, setup, words, size, prompts, "warm")
                 continue
-            if setup == "none":  # nothing is cached: repeats would be cold again
-                measure(client, server, results, setup, words, size, prompts, "cold")
-                continue
             measure(client, server, results, setup, words, size, prompts, "cold")
+            if setup == "none":  # nothing is cached: repeats would be cold again
+                continue
             if setup == "simple_offload":  # revisit in order: each was evicted by later ones
                 measure(client, server, results, setup, words, size, prompts, "warm")
             else:
@@ -419,11 +423,10 @@ def print_table(rows: list[dict], results: Results) -> None:
         print(f"{'size':5s} {'setup':15s} {'phase':5s} {'client':>8s} {'before':>8s} {'queue':>8s}"
               f" {'prefill':>8s} {'hand-offs':>9s}")
         for r in sorted(results.spans, key=lambda r: (int(r["size"][:-1]), r["setup"], r["phase"])):
-            server = r.get("server", float("nan"))
-            handoffs = server - r.get("queue", float("nan")) - r.get("prefill", float("nan"))
+            server, queue, prefill = (r.get(name, float("nan")) for name in SPANS)
             print(f"{r['size']:5s} {r['setup']:15s} {r['phase']:5s} {r['client']:8.1f} "
-                  f"{r['client'] - server:8.1f} {r.get('queue', float('nan')):8.1f} "
-                  f"{r.get('prefill', float('nan')):8.1f} {handoffs:9.1f}")
+                  f"{r['client'] - server:8.1f} {queue:8.1f} {prefill:8.1f} "
+                  f"{server - queue - prefill:9.1f}")
     for setup, rates in results.load_gbps.items():
         print(f"{setup} load: median {statistics.median(rates):.1f} GB/s over {len(rates)} loads")
     for setup, t in results.throughput.items():

@@ -434,13 +434,21 @@ class BlockCopier:
     def _copy_band_out(
         self, group: BandGroup, first: int, size: int, staged: torch.Tensor, non_blocking: bool
     ) -> None:
-        row, offset, dsts, srcs = self.layout.row_elems, 0, [], []
+        hosts, parts = self._band_parts(group, first, size, staged)
+        torch._foreach_copy_(hosts, parts, non_blocking=non_blocking)
+
+    def _band_parts(
+        self, group: BandGroup, first: int, size: int, staged: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each item's ``size`` layers from ``first`` (contiguous rows of its payload) and
+        its share of ``staged``, where the items' bands sit one after another."""
+        row, offset, hosts, parts = self.layout.row_elems, 0, [], []
         for payload, _, _ in group.items:
-            dst = payload[first : first + size].view(-1, row)  # contiguous
-            dsts.append(dst)
-            srcs.append(staged.narrow(0, offset, dst.size(0)))
-            offset += dst.size(0)
-        torch._foreach_copy_(dsts, srcs, non_blocking=non_blocking)
+            host = payload[first : first + size].view(-1, row)
+            hosts.append(host)
+            parts.append(staged.narrow(0, offset, host.size(0)))
+            offset += host.size(0)
+        return hosts, parts
 
     def _scatter_rows(self, group: BandGroup, layer: int, non_blocking: bool) -> None:
         first, size = self.band_span(group, layer)
@@ -475,11 +483,8 @@ class BlockCopier:
             staged = torch.empty((rows, row), dtype=self.torch_dtype, device=self.device)
         else:
             staged = out[: rows * row].view(rows, row)
-        offset = 0
-        for payload, _, _ in group.items:
-            src = payload[first : first + size].view(-1, row)  # contiguous
-            staged.narrow(0, offset, src.size(0)).copy_(src, non_blocking=non_blocking)
-            offset += src.size(0)
+        for host, part in zip(*self._band_parts(group, first, size, staged)):
+            part.copy_(host, non_blocking=non_blocking)
         return staged
 
     def scatter_staged(
