@@ -18,9 +18,10 @@ of text, each setup runs in its own vLLM server, one after another:
 It prints a table (median TTFT per setup and size, warm speedup, kvshelf's load GB/s vs
 the pinned host->device copy measured here) and where each phase's time went by vLLM's
 own request metrics (before the engine, waiting in the scheduler, from being scheduled
-to the first token), writes OUT/ttft.json and OUT/ttft.png. With
---profile, baseline and kvshelf servers also record one cold and one warm request of
-each size in vLLM's torch profiler: OUT/profile/<model>_<setup>/*.json.gz (kvshelf's
+to the first token), writes OUT/ttft.json and OUT/ttft.png. Throughput is the median of
+5 bursts of 16 simultaneous requests, with the bursts' mean prefill, decode and
+inter-token times from the same metrics. With --profile, the none, baseline and kvshelf
+servers also record one cold and one warm request of each size in vLLM's torch profiler: OUT/profile/<model>_<setup>/*.json.gz (kvshelf's
 hooks are the kvshelf.* ranges; benchmarks/gpu/trace.py summarises them).
 
 usage: python benchmarks/gpu/ttft.py MODEL_DIR --out OUT [--setups ...] [--sizes 8k,32k]
@@ -59,6 +60,11 @@ SPANS = {  # vLLM histogram -> the part of a request's TTFT it times
     "server": "vllm:time_to_first_token_seconds",  # the API server's arrival to the first token
     "queue": "vllm:request_queue_time_seconds",  # waiting in the scheduler (lookups included)
     "prefill": "vllm:request_prefill_time_seconds",  # first scheduled to the first token
+}
+BURST_SPANS = {  # the same for throughput bursts: where a slower burst lost its time
+    "prefill": "vllm:request_prefill_time_seconds",
+    "decode": "vllm:request_decode_time_seconds",  # first token to the last
+    "itl": "vllm:inter_token_latency_seconds",  # between two output tokens
 }
 
 
@@ -139,7 +145,7 @@ def kv_transfer(connector: str, extra: dict | None = None, **more) -> list[str]:
     return ["--kv-transfer-config", json.dumps(config)]
 
 
-PROFILED = ("baseline", "kvshelf", "kvshelf_mem")
+PROFILED = ("none", "baseline", "kvshelf", "kvshelf_mem")
 
 
 def trace_dir(work: Path, setup: str) -> Path:
@@ -208,23 +214,22 @@ def measure(client, server, results, setup, words, size, prompts, phase, repeats
             print(f"  {setup:15s} {size:4s} {phase:5s} prompt {prompt}: "
                   f"{seconds * 1e3:8.1f} ms ({tokens} tokens)", flush=True)
     time.sleep(0.5)  # finished requests reach the metrics a moment after their last chunk
-    after = histogram_sums(client, server)
-    means = {name: (after[name][0] - before[name][0]) / (after[name][1] - before[name][1]) * 1e3
-             for name in SPANS if name in before and name in after and after[name][1] > before[name][1]}
+    means = histogram_means(before, histogram_sums(client, server))
     if means:
         results.spans.append({"setup": setup, "size": size, "phase": phase,
                               "client": statistics.mean(seconds_list) * 1e3, **means})
 
 
-def histogram_sums(client: httpx.Client, server: VllmServer) -> dict[str, tuple[float, float]]:
-    """(sum, count) of each of vLLM's SPANS histograms, over all their label sets."""
+def histogram_sums(client: httpx.Client, server: VllmServer,
+                   spans: dict[str, str] = SPANS) -> dict[str, tuple[float, float]]:
+    """(sum, count) of each of vLLM's ``spans`` histograms, over all their label sets."""
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
         text = client.get(f"{server.url}/metrics").text
     except httpx.HTTPError:
         return {}
-    wanted = {metric: name for name, metric in SPANS.items()}
+    wanted = {metric: name for name, metric in spans.items()}
     sums: dict[str, list[float]] = {}
     for family in text_string_to_metric_families(text):
         name = wanted.get(family.name)
@@ -239,11 +244,21 @@ def histogram_sums(client: httpx.Client, server: VllmServer) -> dict[str, tuple[
     return {name: (total[0], total[1]) for name, total in sums.items()}
 
 
-def throughput(server: VllmServer, words: list[str], bursts: int = 5) -> dict:
-    """Median output tokens/s over ``bursts`` bursts of simultaneous cold requests."""
+def histogram_means(before: dict, after: dict) -> dict[str, float]:
+    """Mean ms per observation of each histogram between two ``histogram_sums``."""
+    return {name: (after[name][0] - before[name][0]) / (after[name][1] - before[name][1]) * 1e3
+            for name in after if name in before and after[name][1] > before[name][1]}
+
+
+def throughput(client: httpx.Client, server: VllmServer, words: list[str], bursts: int = 5) -> dict:
+    """Median output tokens/s over ``bursts`` bursts of simultaneous cold requests, and
+    the bursts' mean BURST_SPANS."""
+    before = histogram_sums(client, server, BURST_SPANS)
     runs = [burst(server, words) for _ in range(bursts)]
+    time.sleep(0.5)
+    spans = histogram_means(before, histogram_sums(client, server, BURST_SPANS))
     rates = [r["tokens_per_s"] for r in runs]
-    return {**runs[rates.index(statistics.median_high(rates))], "bursts": rates}
+    return {**runs[rates.index(statistics.median_high(rates))], "bursts": rates, "spans_ms": spans}
 
 
 def burst(server: VllmServer, words: list[str], concurrency: int = 16, max_tokens: int = 128) -> dict:
@@ -347,7 +362,7 @@ def measure_setup(setup, server, model_dir, work, results, words, sizes, cold_pr
         if profile and setup in PROFILED:
             profile_requests(client, server, work, log_dir, setup, model_dir.name, words, sizes)
         if setup in ("none", "baseline", "kvshelf", "kvshelf_mem"):
-            results.throughput[setup] = throughput(server, words)
+            results.throughput[setup] = throughput(client, server, words)
     loads = [int(b) / float(ms) / 1e6 for b, ms in _LOADED.findall(server.log_text(since_start=True))
              if float(ms) > 0 and int(b) > 1e8]
     if loads:
@@ -431,7 +446,8 @@ def print_table(rows: list[dict], results: Results) -> None:
         print(f"{setup} load: median {statistics.median(rates):.1f} GB/s over {len(rates)} loads")
     for setup, t in results.throughput.items():
         print(f"{setup} throughput: {t['tokens_per_s']:.0f} output tokens/s (median of "
-              f"{' '.join(f'{r:.0f}' for r in t.get('bursts', []))})")
+              f"{' '.join(f'{r:.0f}' for r in t.get('bursts', []))}); per request, mean ms: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in t.get("spans_ms", {}).items()))
     for setup, error in results.errors.items():
         print(f"{setup} FAILED: {error}")
 
@@ -469,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (GPUs)")
     parser.add_argument("--smoke", action="store_true", help="CPU dry run with short prompts")
     parser.add_argument("--profile", action="store_true",
-                        help="trace one cold and one warm request per baseline/kvshelf server")
+                        help="trace one cold and one warm request per none/baseline/kvshelf server")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -497,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
             chosen = [s for s in chosen if s in sizes]
             try:
                 run_setup(setup, args.model_dir, args.work, results, words, chosen,
-                          {"8k": 5, "32k": 3}, args.warm_repeats, servers, args.out, args.tp,
+                          {"8k": 5, "32k": 5}, args.warm_repeats, servers, args.out, args.tp,
                           args.profile)
             except Exception as exc:  # noqa: BLE001 - one broken setup must not lose the rest
                 results.errors[setup] = f"{type(exc).__name__}: {exc}"[-2000:]
