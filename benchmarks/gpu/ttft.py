@@ -91,6 +91,14 @@ class Results:
     notes: list[str] = field(default_factory=list)
     spans: list[dict] = field(default_factory=list)  # per setup, size and phase: mean ms
 
+    @classmethod
+    def read(cls, path: Path) -> Results:
+        """Results written by an earlier call (``--resume``), to add more setups to."""
+        data = json.loads(path.read_text())
+        data.pop("rows", None)
+        data["samples"] = [Sample(**s) for s in data["samples"]]
+        return cls(**data)
+
 
 # -- prompts -----------------------------------------------------------------
 def image_url(seed: int) -> str:
@@ -165,8 +173,10 @@ def setup_args(setup: str, work: Path, max_len: int, tp: int = 1,
             "profiler": "torch", "torch_profiler_dir": str(traces.resolve()),
             "torch_profiler_with_stack": False, "ignore_frontend": True})]
     env: dict[str, str] = {}
-    if tp > 1:  # vLLM's symmetric-memory all-reduce needs NVLink multicast, off on some hosts
-        env["VLLM_ALLREDUCE_USE_SYMM_MEM"] = "0"
+    if tp > 1:  # vLLM's own all-reduce kernels need NVLink multicast, off on some hosts:
+        env["VLLM_ALLREDUCE_USE_SYMM_MEM"] = "0"  # NCCL's all-reduce instead, unfused
+        common += ["--disable-custom-all-reduce", "--compilation-config", json.dumps({"pass_config": {
+            "fuse_allreduce_rms": False, "enable_sp": False, "fuse_gemm_comms": False}})]
     if setup == "none":
         return common + ["--no-enable-prefix-caching"], env
     if setup == "baseline":
@@ -484,13 +494,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warm-repeats", type=int, default=5)
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (GPUs)")
     parser.add_argument("--smoke", action="store_true", help="CPU dry run with short prompts")
+    parser.add_argument("--resume", action="store_true",
+                        help="add to OUT's results from an earlier call on the same machine")
     parser.add_argument("--profile", action="store_true",
                         help="trace one cold and one warm request per none/baseline/kvshelf server")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
+    earlier = args.out / f"ttft_{args.model_dir.name}.json"
     if args.smoke:
         SIZES.update(SMOKE_SIZES)
+    if args.resume and earlier.exists():
+        results = Results.read(earlier)
+    elif args.smoke:
         results = Results(args.model_dir.name, "cpu (smoke)")
     else:
         import torch
