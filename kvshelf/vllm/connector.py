@@ -62,10 +62,6 @@ class KVShelfConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._worker_side().register_kv_caches(kv_caches)
 
-    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
-        # vLLM calls this at every step's start, before it zeroes or reuses blocks.
-        self._worker_side().before_step()
-
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         with record_function("kvshelf.start_load_kv"):
             self._worker_side().start_load_kv(self._metadata(), forward_context)

@@ -9,9 +9,7 @@ another scatters the last one into the cache), and the forward waits for layer `
 only right before layer ``i`` attends; saves start on another stream as each layer
 finishes. At the step's end only the compute stream waits for the copies, never the
 CPU: :class:`Completer` runs what must follow them (handing saved entries to the engine,
-dropping the holds on loaded ones) on a thread once they are done. Where vLLM announces
-each step before it touches the cache (``before_step``), the compute stream waits for the
-last step's saves there instead, so that step's sampling does not wait for its last copies.
+dropping the holds on loaded ones) on a thread once they are done.
 """
 
 from __future__ import annotations
@@ -93,9 +91,6 @@ class SyncMover:
     def wait_layer(self, layer: int) -> None:
         return
 
-    def before_step(self) -> None:
-        return
-
     def begin_saves(self, items: Sequence[SaveItem]) -> None:
         self._saves = list(items)
 
@@ -128,8 +123,6 @@ class CudaMover:
         self._saves: list[SaveItem] = []
         self._save_groups: list = []
         self._saved = [False] * self.num_layers
-        self._steps_announced = False  # before_step runs before vLLM's cache writes
-        self._saves_pending: torch.cuda.Event | None = None  # last step's, not yet waited for
 
     # -- loads -------------------------------------------------------------------
     def load(self, items: Sequence[LoadItem], forward_context: object = None) -> None:
@@ -207,20 +200,13 @@ class CudaMover:
         with torch.cuda.stream(self.save_stream):
             self.copier.gather(self._save_groups, layer, non_blocking=True)
 
-    # -- step boundaries ---------------------------------------------------------
-    def before_step(self) -> None:
-        """A step begins, before vLLM zeroes or reuses any block: the compute stream
-        waits here for the last step's saves, which may still read blocks freed since."""
-        self._steps_announced = True
-        if self._saves_pending is not None:
-            torch.cuda.current_stream(self.copier.device).wait_event(self._saves_pending)
-            self._saves_pending = None
-
+    # -- end of step -------------------------------------------------------------
     def finish_step(self) -> StepCopies:
         """Enqueue what the layer hooks did not reach and order the compute stream after
-        this step's loads, and after its saves (blocks a copy in flight reads may be
-        zeroed or reused by the next step) here or, once steps are announced, at the
-        next :meth:`before_step`; without blocking the CPU."""
+        every copy of this step (blocks written or read by a copy in flight may be
+        zeroed or reused by the next step), without blocking the CPU. This is the last
+        hook before such writes: vLLM's V2 model runner zeroes a step's new blocks before
+        it calls any connector hook of that step."""
         compute = torch.cuda.current_stream(self.copier.device)
         done = StepCopies()
         if self._load_span is not None:
@@ -230,11 +216,8 @@ class CudaMover:
         if self._saves:
             for layer in range(self.num_layers):
                 self.save_layer(layer)
+            compute.wait_stream(self.save_stream)
             done.saved = _recorded(self.save_stream)
-            if self._steps_announced:
-                self._saves_pending = done.saved
-            else:
-                compute.wait_event(done.saved)
         self._saves = []
         self._save_groups = []
         return done

@@ -175,10 +175,6 @@ class WorkerSide:
         if index is not None:
             self.mover.wait_layer(index)
 
-    def before_step(self) -> None:
-        if self.engine is not None:
-            self.mover.before_step()
-
     def take_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
         return errors
