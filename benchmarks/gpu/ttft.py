@@ -83,6 +83,7 @@ class Results:
     model: str
     device: str = ""
     h2d_gbps: float = 0.0
+    tp: int = 1  # ranks: each holds 1/tp of the KV and copies it over its own link
     d2h_gbps: float = 0.0
     samples: list[Sample] = field(default_factory=list)
     load_gbps: dict[str, list[float]] = field(default_factory=dict)
@@ -417,7 +418,8 @@ def table(results: Results, kv_bytes_per_token: int) -> list[dict]:
         cold = median_ttft(results, "none", size, "cold") or median_ttft(results, "baseline", size, "cold")
         floor = median_ttft(results, "baseline", size, "warm")
         tokens = next((s.prompt_tokens for s in results.samples if s.size == size and s.prompt_tokens), 0)
-        copy_s = tokens * kv_bytes_per_token / (results.h2d_gbps * 1e9) if results.h2d_gbps else None
+        rank_bytes = tokens * kv_bytes_per_token / results.tp
+        copy_s = rank_bytes / (results.h2d_gbps * 1e9) if results.h2d_gbps else None
         for setup in ("none", "baseline", "simple_offload", "kvshelf", "kvshelf_mem", "kvshelf_disk",
                       "lmcache"):
             for phase in ("cold", "warm"):
@@ -514,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         results = Results(args.model_dir.name, torch.cuda.get_device_name())
         if args.tp > 1:
             results.device += f" x{args.tp} (TP={args.tp})"
+            results.tp = args.tp
         results.h2d_gbps, results.d2h_gbps = pinned_copy_gbps()
     words = (args.model_dir / "words.txt").read_text().split()
     sizes = args.sizes.split(",")
