@@ -21,8 +21,9 @@ own request metrics (before the engine, waiting in the scheduler, from being sch
 to the first token), writes OUT/ttft.json and OUT/ttft.png. Throughput is the median of
 5 bursts of 16 simultaneous requests, with the bursts' mean prefill, decode and
 inter-token times from the same metrics. With --profile, the none, baseline and kvshelf
-servers also record one cold and one warm request of each size in vLLM's torch profiler: OUT/profile/<model>_<setup>/*.json.gz (kvshelf's
-hooks are the kvshelf.* ranges; benchmarks/gpu/trace.py summarises them).
+servers also record one cold and one warm request of each size in vLLM's torch
+profiler: OUT/profile/<model>_<setup>/*.json.gz (kvshelf's hooks are the kvshelf.*
+ranges; benchmarks/gpu/trace.py summarises them).
 
 usage: python benchmarks/gpu/ttft.py MODEL_DIR --out OUT [--setups ...] [--sizes 8k,32k]
 """
@@ -83,8 +84,8 @@ class Results:
     model: str
     device: str = ""
     h2d_gbps: float = 0.0
-    tp: int = 1  # ranks: each holds 1/tp of the KV and copies it over its own link
     d2h_gbps: float = 0.0
+    tp: int = 1  # ranks: each holds 1/tp of the KV and copies it over its own link
     samples: list[Sample] = field(default_factory=list)
     load_gbps: dict[str, list[float]] = field(default_factory=dict)
     throughput: dict[str, dict] = field(default_factory=dict)
@@ -224,8 +225,7 @@ def measure(client, server, results, setup, words, size, prompts, phase, repeats
             results.samples.append(Sample(setup, size, phase, prompt, seconds, tokens))
             print(f"  {setup:15s} {size:4s} {phase:5s} prompt {prompt}: "
                   f"{seconds * 1e3:8.1f} ms ({tokens} tokens)", flush=True)
-    time.sleep(0.5)  # finished requests reach the metrics a moment after their last chunk
-    means = histogram_means(before, histogram_sums(client, server))
+    means = histogram_means(client, server, before)
     if means:
         results.spans.append({"setup": setup, "size": size, "phase": phase,
                               "client": statistics.mean(seconds_list) * 1e3, **means})
@@ -255,8 +255,11 @@ def histogram_sums(client: httpx.Client, server: VllmServer,
     return {name: (total[0], total[1]) for name, total in sums.items()}
 
 
-def histogram_means(before: dict, after: dict) -> dict[str, float]:
-    """Mean ms per observation of each histogram between two ``histogram_sums``."""
+def histogram_means(client: httpx.Client, server: VllmServer, before: dict,
+                    spans: dict[str, str] = SPANS) -> dict[str, float]:
+    """Mean ms per observation of each of ``spans`` since ``before`` (``histogram_sums``)."""
+    time.sleep(0.5)  # finished requests reach the metrics a moment after their last chunk
+    after = histogram_sums(client, server, spans)
     return {name: (after[name][0] - before[name][0]) / (after[name][1] - before[name][1]) * 1e3
             for name in after if name in before and after[name][1] > before[name][1]}
 
@@ -266,8 +269,7 @@ def throughput(client: httpx.Client, server: VllmServer, words: list[str], burst
     the bursts' mean BURST_SPANS."""
     before = histogram_sums(client, server, BURST_SPANS)
     runs = [burst(server, words) for _ in range(bursts)]
-    time.sleep(0.5)
-    spans = histogram_means(before, histogram_sums(client, server, BURST_SPANS))
+    spans = histogram_means(client, server, before, BURST_SPANS)
     rates = [r["tokens_per_s"] for r in runs]
     return {**runs[rates.index(statistics.median_high(rates))], "bursts": rates, "spans_ms": spans}
 
