@@ -9,21 +9,23 @@ of text, each setup runs in its own vLLM server, one after another:
                   its repeats hit vLLM's own GPU cache (the floor)
   simple_offload  vLLM's SimpleCPUOffloadConnector, GPU cache forced small so a prompt
                   is evicted to CPU memory before it comes again
-  kvshelf         KVShelfConnector, prefix caching off: cold requests save, repeats load
-                  from kvshelf's memory tier (pinned host memory)
-  kvshelf_disk    the same server restarted with the page cache dropped: repeats load
-                  from kvshelf's disk tier
+  kvshelf         KVShelfConnector, prefix caching off: cold requests save to kvshelf's
+                  memory tier (pinned host memory) and, in the background, its disk
+                  tier; repeats load from memory
+  kvshelf_mem     the same without the disk tier
+  kvshelf_disk    the kvshelf server restarted with the page cache dropped: repeats of
+                  the 8K prompts load from kvshelf's disk tier
   lmcache         LMCache's LMCacheConnectorV1 (CPU tier), prefix caching off
 
 It prints a table (median TTFT per setup and size, warm speedup, kvshelf's load GB/s vs
 the pinned host->device copy measured here) and where each phase's time went by vLLM's
 own request metrics (before the engine, waiting in the scheduler, from being scheduled
 to the first token), writes OUT/ttft.json and OUT/ttft.png. Throughput is the median of
-5 bursts of 16 simultaneous requests, with the bursts' mean prefill, decode and
-inter-token times from the same metrics. With --profile, the none, baseline and kvshelf
-servers also record one cold and one warm request of each size in vLLM's torch
-profiler: OUT/profile/<model>_<setup>/*.json.gz (kvshelf's hooks are the kvshelf.*
-ranges; benchmarks/gpu/trace.py summarises them).
+5 bursts of 16 simultaneous requests, run before the prompts so their saves cannot evict
+them, with the bursts' mean prefill, decode and inter-token times from the same metrics.
+With --profile, the none, baseline and kvshelf servers also record one cold and one warm
+request of each size in vLLM's torch profiler: OUT/profile/<model>_<setup>/*.json.gz
+(kvshelf's hooks are the kvshelf.* ranges; benchmarks/gpu/trace.py summarises them).
 
 usage: python benchmarks/gpu/ttft.py MODEL_DIR --out OUT [--setups ...] [--sizes 8k,32k]
 """
@@ -57,6 +59,8 @@ from kvshelf.testing.server import VllmServer, free_port
 SIZES = {"8k": 7500, "32k": 28500}  # words of text -> ~8.5K / ~32.5K prompt tokens
 SMOKE_SIZES = {"8k": 300, "32k": 600}  # --smoke: a CPU dry run of the whole flow
 _LOADED = re.compile(r"loaded (\d+) bytes in ([\d.]+) ms")
+_LOOKED_UP = re.compile(r"Total tokens (\d+), kvshelf hit tokens: (\d+)")
+THROUGHPUT = ("none", "baseline", "kvshelf", "kvshelf_mem")  # setups whose bursts are measured
 SPANS = {  # vLLM histogram -> the part of a request's TTFT it times
     "server": "vllm:time_to_first_token_seconds",  # the API server's arrival to the first token
     "queue": "vllm:request_queue_time_seconds",  # waiting in the scheduler (lookups included)
@@ -88,6 +92,7 @@ class Results:
     tp: int = 1  # ranks: each holds 1/tp of the KV and copies it over its own link
     samples: list[Sample] = field(default_factory=list)
     load_gbps: dict[str, list[float]] = field(default_factory=dict)
+    hits: dict[str, list[list[int]]] = field(default_factory=dict)  # [prompt, hit] per lookup
     throughput: dict[str, dict] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -189,7 +194,9 @@ def setup_args(setup: str, work: Path, max_len: int, tp: int = 1,
             "SimpleCPUOffloadConnector", {"cpu_bytes_to_use": 40_000_000_000}
         ), env
     if setup in ("kvshelf", "kvshelf_mem", "kvshelf_disk"):
-        extra = {"cpu_bytes": "40GB", "save_queue_bytes": "16GB", "log_level": "DEBUG"}
+        # Queued saves stay pinned in memory until written: the queue takes five 8K llava7b
+        # prompts (22.5 GB) whole, and memory still has room for one 32K prompt (16.2 GB).
+        extra = {"cpu_bytes": "48GB", "save_queue_bytes": "24GB", "log_level": "DEBUG"}
         if setup != "kvshelf_mem":
             extra.update(disk_path=str(work / "kvshelf-disk"), disk_bytes="30GB")
         return common + ["--no-enable-prefix-caching"] + kv_transfer(
@@ -357,29 +364,37 @@ def measure_setup(setup, server, model_dir, work, results, words, sizes, cold_pr
     print(f"== {setup}: up in {server.startup_s:.0f} s", flush=True)
     if "pinning up to" in server.log_text(since_start=True):
         wait_for_log(server, "memory tier ready", 180)  # pinned memory is grown at start
+    # With the disk tier on, each phase starts once the earlier saves are on disk: a full
+    # save queue drops saves (the restart must find every 8K prompt there), and the
+    # background writes would share host memory bandwidth with the phase's own copies.
+    settle = (lambda: settle_disk(work / "kvshelf-disk")) if setup == "kvshelf" else (lambda: None)
     with httpx.Client(timeout=900) as client:
         # Warm-up (first-request costs), not measured; prompt 99 is never measured.
         ttft(client, server, chat_body("m", words, sizes[-1], 99))
+        if setup in THROUGHPUT:  # first, so the bursts' saves cannot evict the prompts measured
+            results.throughput[setup] = throughput(client, server, words)
         for size in sizes:
             prompts = list(range(cold_prompts[size]))
             if setup == "kvshelf_disk":
                 measure(client, server, results, setup, words, size, prompts, "warm")
                 continue
+            settle()
             measure(client, server, results, setup, words, size, prompts, "cold")
             if setup == "none":  # nothing is cached: repeats would be cold again
                 continue
+            settle()
             if setup == "simple_offload":  # revisit in order: each was evicted by later ones
                 measure(client, server, results, setup, words, size, prompts, "warm")
             else:
                 measure(client, server, results, setup, words, size, prompts[-1:], "warm", warm_repeats)
         if profile and setup in PROFILED:
             profile_requests(client, server, work, log_dir, setup, model_dir.name, words, sizes)
-        if setup in ("none", "baseline", "kvshelf", "kvshelf_mem"):
-            results.throughput[setup] = throughput(client, server, words)
-    loads = [int(b) / float(ms) / 1e6 for b, ms in _LOADED.findall(server.log_text(since_start=True))
-             if float(ms) > 0 and int(b) > 1e8]
+    log = server.log_text(since_start=True)
+    loads = [int(b) / float(ms) / 1e6 for b, ms in _LOADED.findall(log) if float(ms) > 0 and int(b) > 1e8]
     if loads:
         results.load_gbps[setup] = loads
+    if lookups := [[int(total), int(hit)] for total, hit in _LOOKED_UP.findall(log)]:
+        results.hits[setup] = lookups
     if setup == "kvshelf":  # kept for kvshelf_disk
         settle_disk(work / "kvshelf-disk")
     else:
@@ -458,6 +473,10 @@ def print_table(rows: list[dict], results: Results) -> None:
                   f"{server - queue - prefill:9.1f}")
     for setup, rates in results.load_gbps.items():
         print(f"{setup} load: median {statistics.median(rates):.1f} GB/s over {len(rates)} loads")
+    for setup, lookups in results.hits.items():
+        full = sum(hit == total for total, hit in lookups)
+        some = sum(0 < hit < total for total, hit in lookups)
+        print(f"{setup} lookups: {full} full hits, {some} partial, {len(lookups) - full - some} misses")
     for setup, t in results.throughput.items():
         print(f"{setup} throughput: {t['tokens_per_s']:.0f} output tokens/s (median of "
               f"{' '.join(f'{r:.0f}' for r in t.get('bursts', []))}); per request, mean ms: "
