@@ -198,7 +198,7 @@ def setup_args(setup: str, work: Path, max_len: int, tp: int = 1,
         # prompts (22.5 GB) whole, and memory still has room for one 32K prompt (16.2 GB).
         extra = {"cpu_bytes": "48GB", "save_queue_bytes": "24GB", "log_level": "DEBUG"}
         if setup != "kvshelf_mem":
-            extra.update(disk_path=str(work / "kvshelf-disk"), disk_bytes="30GB")
+            extra.update(disk_path=str(work / "kvshelf-disk"), disk_bytes="40GB")
         return common + ["--no-enable-prefix-caching"] + kv_transfer(
             "KVShelfConnector", extra, kv_connector_module_path="kvshelf.vllm.connector"
         ), env
@@ -260,6 +260,18 @@ def histogram_sums(client: httpx.Client, server: VllmServer,
             elif sample.name.endswith("_count"):
                 total[1] += sample.value
     return {name: (total[0], total[1]) for name, total in sums.items()}
+
+
+def metric_total(client: httpx.Client, server: VllmServer, family_name: str) -> float:
+    """Sum of a counter family's ``_total`` samples in vLLM's /metrics; 0 when it has none
+    (kvshelf's counters get their series at their first increment)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = client.get(f"{server.url}/metrics").text
+    values = [sample.value for family in text_string_to_metric_families(text)
+              if family.name == family_name for sample in family.samples
+              if sample.name.endswith("_total")]
+    return sum(values)
 
 
 def histogram_means(client: httpx.Client, server: VllmServer, before: dict,
@@ -389,6 +401,11 @@ def measure_setup(setup, server, model_dir, work, results, words, sizes, cold_pr
                 measure(client, server, results, setup, words, size, prompts[-1:], "warm", warm_repeats)
         if profile and setup in PROFILED:
             profile_requests(client, server, work, log_dir, setup, model_dir.name, words, sizes)
+        if setup.startswith("kvshelf"):
+            saved, dropped = (metric_total(client, server, f"kvshelf_{name}")
+                              for name in ("saved_chunks", "dropped_saves"))
+            results.notes.append(f"{setup}: {saved:.0f} chunks saved, {dropped:.0f} not written"
+                                 " to disk (save queue full)")
     log = server.log_text(since_start=True)
     loads = [int(b) / float(ms) / 1e6 for b, ms in _LOADED.findall(log) if float(ms) > 0 and int(b) > 1e8]
     if loads:
@@ -409,15 +426,25 @@ def keep_log_lines(server: VllmServer, path: Path) -> None:
 
 
 def settle_disk(path: Path, quiet_s: float = 3.0, timeout_s: float = 300.0) -> None:
-    """Wait until kvshelf's background disk writes stop."""
+    """Wait until kvshelf's background disk writes stop: no entry being written (a
+    ``.tmp`` file) and no new entry for ``quiet_s``."""
     deadline, last, quiet_since = time.monotonic() + timeout_s, -1, time.monotonic()
     while time.monotonic() < deadline:
-        size = sum(f.stat().st_size for f in path.rglob("*.kv")) if path.exists() else 0
-        if size != last:
+        files = list(path.rglob("*.kv*")) if path.exists() else []
+        writing = any(f.name.endswith(".tmp") for f in files)
+        size = -2 if writing else sum(_size(f) for f in files if f.suffix == ".kv")
+        if size != last or writing:
             last, quiet_since = size, time.monotonic()
         elif time.monotonic() - quiet_since > quiet_s:
             return
         time.sleep(0.5)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:  # evicted meanwhile
+        return 0
 
 
 # -- report ------------------------------------------------------------------------------
