@@ -13,6 +13,8 @@ of text, each setup runs in its own vLLM server, one after another:
                   memory tier (pinned host memory) and, in the background, its disk
                   tier; repeats load from memory
   kvshelf_mem     the same without the disk tier
+  kvshelf_fsync   kvshelf with disk_fsync on: each entry reaches the disk before the next
+                  is written, so the writes go at the disk's pace
   kvshelf_disk    the kvshelf server restarted with the page cache dropped: repeats of
                   the 8K prompts load from kvshelf's disk tier
   lmcache         LMCache's LMCacheConnectorV1 (CPU tier), prefix caching off
@@ -60,7 +62,8 @@ SIZES = {"8k": 7500, "32k": 28500}  # words of text -> ~8.5K / ~32.5K prompt tok
 SMOKE_SIZES = {"8k": 300, "32k": 600}  # --smoke: a CPU dry run of the whole flow
 _LOADED = re.compile(r"loaded (\d+) bytes in ([\d.]+) ms")
 _LOOKED_UP = re.compile(r"Total tokens (\d+), kvshelf hit tokens: (\d+)")
-THROUGHPUT = ("none", "baseline", "kvshelf", "kvshelf_mem")  # setups whose bursts are measured
+DISK_SETUPS = ("kvshelf", "kvshelf_fsync")  # kvshelf servers with a disk tier (a fresh one)
+THROUGHPUT = ("none", "baseline", "kvshelf_mem", *DISK_SETUPS)  # setups whose bursts are measured
 SPANS = {  # vLLM histogram -> the part of a request's TTFT it times
     "server": "vllm:time_to_first_token_seconds",  # the API server's arrival to the first token
     "queue": "vllm:request_queue_time_seconds",  # waiting in the scheduler (lookups included)
@@ -163,6 +166,11 @@ def kv_transfer(connector: str, extra: dict | None = None, **more) -> list[str]:
 PROFILED = ("none", "baseline", "kvshelf", "kvshelf_mem")
 
 
+def disk_dir(work: Path, setup: str) -> Path:
+    """kvshelf's disk tier for a setup: kvshelf_disk restarts kvshelf's server on kvshelf's."""
+    return work / ("kvshelf_fsync-disk" if setup == "kvshelf_fsync" else "kvshelf-disk")
+
+
 def trace_dir(work: Path, setup: str) -> Path:
     """Where a profiled server writes its torch-profiler traces."""
     return work / "profile" / setup
@@ -193,12 +201,13 @@ def setup_args(setup: str, work: Path, max_len: int, tp: int = 1,
         return common + ["--num-gpu-blocks-override", "1400"] + kv_transfer(
             "SimpleCPUOffloadConnector", {"cpu_bytes_to_use": 40_000_000_000}
         ), env
-    if setup in ("kvshelf", "kvshelf_mem", "kvshelf_disk"):
+    if setup in ("kvshelf_mem", "kvshelf_disk", *DISK_SETUPS):
         # Queued saves stay pinned in memory until written: the queue takes five 8K llava7b
         # prompts (22.5 GB) whole, and memory still has room for one 32K prompt (16.2 GB).
         extra = {"cpu_bytes": "48GB", "save_queue_bytes": "24GB", "log_level": "DEBUG"}
         if setup != "kvshelf_mem":
-            extra.update(disk_path=str(work / "kvshelf-disk"), disk_bytes="40GB")
+            extra.update(disk_path=str(disk_dir(work, setup)), disk_bytes="40GB",
+                         disk_fsync=setup == "kvshelf_fsync")
         return common + ["--no-enable-prefix-caching"] + kv_transfer(
             "KVShelfConnector", extra, kv_connector_module_path="kvshelf.vllm.connector"
         ), env
@@ -357,6 +366,8 @@ def run_setup(setup, model_dir, work, results, words, sizes, cold_prompts, warm_
         if server is None:
             raise RuntimeError("kvshelf_disk needs the kvshelf server first")
     else:
+        if setup in DISK_SETUPS:  # cold requests must not find an earlier run's entries
+            shutil.rmtree(disk_dir(work, setup), ignore_errors=True)
         server = VllmServer(model_dir, port=free_port(), args=args, env=env,
                             log_path=work / f"serve_{setup}.log", startup_timeout_s=900)
         server_box[setup] = server
@@ -379,7 +390,7 @@ def measure_setup(setup, server, model_dir, work, results, words, sizes, cold_pr
     # With the disk tier on, each phase starts once the earlier saves are on disk: a full
     # save queue drops saves (the restart must find every 8K prompt there), and the
     # background writes would share host memory bandwidth with the phase's own copies.
-    settle = (lambda: settle_disk(work / "kvshelf-disk")) if setup == "kvshelf" else (lambda: None)
+    settle = (lambda: settle_disk(disk_dir(work, setup))) if setup in DISK_SETUPS else (lambda: None)
     with httpx.Client(timeout=900) as client:
         # Warm-up (first-request costs), not measured; prompt 99 is never measured.
         ttft(client, server, chat_body("m", words, sizes[-1], 99))
@@ -413,9 +424,11 @@ def measure_setup(setup, server, model_dir, work, results, words, sizes, cold_pr
     if lookups := [[int(total), int(hit)] for total, hit in _LOOKED_UP.findall(log)]:
         results.hits[setup] = lookups
     if setup == "kvshelf":  # kept for kvshelf_disk
-        settle_disk(work / "kvshelf-disk")
+        settle_disk(disk_dir(work, setup))
     else:
         server.stop()
+    if setup == "kvshelf_fsync":  # room on the disk for the next setup
+        shutil.rmtree(disk_dir(work, setup), ignore_errors=True)
 
 
 def keep_log_lines(server: VllmServer, path: Path) -> None:
@@ -464,8 +477,8 @@ def table(results: Results, kv_bytes_per_token: int) -> list[dict]:
         tokens = next((s.prompt_tokens for s in results.samples if s.size == size and s.prompt_tokens), 0)
         rank_bytes = tokens * kv_bytes_per_token / results.tp
         copy_s = rank_bytes / (results.h2d_gbps * 1e9) if results.h2d_gbps else None
-        for setup in ("none", "baseline", "simple_offload", "kvshelf", "kvshelf_mem", "kvshelf_disk",
-                      "lmcache"):
+        for setup in ("none", "baseline", "simple_offload", "kvshelf", "kvshelf_mem", "kvshelf_fsync",
+                      "kvshelf_disk", "lmcache"):
             for phase in ("cold", "warm"):
                 value = median_ttft(results, setup, size, phase)
                 if value is None:
@@ -519,15 +532,16 @@ def plot(rows: list[dict], results: Results, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     sizes = sorted({r["size"] for r in rows}, key=lambda s: int(s[:-1]))
-    fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 5.5), squeeze=False)
     for ax, size in zip(axes[0], sizes):
         chosen = [r for r in rows if r["size"] == size]
-        labels = [f"{r['setup']}\n{r['phase']}" for r in chosen]
+        labels = [f"{r['setup']} {r['phase']}" for r in chosen]
         ax.bar(labels, [r["ttft_ms"] for r in chosen],
                color=["#888" if r["phase"] == "cold" else "#2a7" for r in chosen])
         ax.set_title(f"{results.model}, {size} prompt ({chosen[0]['prompt_tokens']} tokens)")
         ax.set_ylabel("TTFT, median (ms)")
-        ax.tick_params(axis="x", labelsize=7)
+        ax.tick_params(axis="x", labelsize=8, labelrotation=50)
+        ax.set_yscale("log")  # disk and LMCache rows are seconds, the rest tens of ms
     fig.suptitle(f"TTFT on {results.device} (grey: cold, green: warm)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -575,8 +589,8 @@ def main(argv: list[str] | None = None) -> int:
             # vLLM's offloading and LMCache run at 8K only (their GPU/CPU sizing); kvshelf
             # does 32K before 8K so the 8K prompts are the ones its disk budget keeps.
             chosen = {"simple_offload": ["8k"], "lmcache": ["8k"], "kvshelf_disk": ["8k"],
-                      "kvshelf": sorted(sizes, key=lambda s: -int(s[:-1])),
-                      "kvshelf_mem": sorted(sizes, key=lambda s: -int(s[:-1]))}.get(setup, sizes)
+                      **dict.fromkeys(("kvshelf", "kvshelf_mem", "kvshelf_fsync"),
+                                      sorted(sizes, key=lambda s: -int(s[:-1])))}.get(setup, sizes)
             chosen = [s for s in chosen if s in sizes]
             try:
                 run_setup(setup, args.model_dir, args.work, results, words, chosen,

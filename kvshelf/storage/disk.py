@@ -225,6 +225,8 @@ class DiskStore(Store):
             _write_all(fd, parts)
             if self.fsync:
                 os.fsync(fd)
+                with contextlib.suppress(OSError):  # on disk now: the page cache need not keep it
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         except BaseException:
             os.close(fd)
             temp.unlink(missing_ok=True)
