@@ -60,10 +60,15 @@ def test_one_file_per_entry_in_the_documented_place(tmp_path):
     assert store.stats().used_bytes == FILE_BYTES
 
 
-def test_entries_survive_a_restart(tmp_path):
-    store = DiskStore(tmp_path, 10**6)
+@pytest.mark.parametrize("fsync", [False, True])
+def test_entries_survive_a_restart(tmp_path, monkeypatch, fsync):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    store = DiskStore(tmp_path, 10**6, fsync)
     store.put([entry(i) for i in range(5)])
     store.close()
+    assert len(synced) == (5 if fsync else 0)  # each entry reaches the disk before it is published
     reopened = DiskStore(tmp_path, 10**6)
     stats = reopened.stats()
     assert (stats.entries, stats.used_bytes) == (5, 5 * FILE_BYTES)
