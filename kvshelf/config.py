@@ -45,7 +45,12 @@ class KVShelfConfig(BaseModel):
     cpu_bytes: ByteSize = Field(5 * GB, ge=0, description="memory tier budget; 0 disables it")
     disk_path: Path | None = Field(None, description="disk tier directory; unset disables it")
     disk_bytes: ByteSize = Field(50 * GB, gt=0, description="disk tier budget")
-    disk_fsync: bool = Field(False, description="fsync entries before publishing them")
+    disk_fsync: bool = Field(
+        True,
+        description="fsync each entry before publishing it and drop it from the page cache: "
+        "writes go at the disk's pace instead of filling the page cache in bursts that slow "
+        "the whole host; off: buffered writes",
+    )
     remote_url: str | None = Field(
         None, description="redis://, rediss://, unix:// or redis+cluster:// URL"
     )

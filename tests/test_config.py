@@ -28,13 +28,13 @@ def test_defaults_with_nothing_set():
 def test_from_yaml_file(tmp_path):
     environ = _write_yaml(
         tmp_path,
-        "chunk_size: 128\ncpu_bytes: 2GiB\ndisk_path: /tmp/kv\ndisk_fsync: true\n",
+        "chunk_size: 128\ncpu_bytes: 2GiB\ndisk_path: /tmp/kv\ndisk_fsync: false\n",
     )
     config = load_config(environ=environ)
     assert config.chunk_size == 128
     assert config.cpu_bytes == 2 * 2**30
     assert config.disk_path == Path("/tmp/kv")
-    assert config.disk_fsync is True
+    assert config.disk_fsync is False
 
 
 def test_empty_yaml_file_gives_defaults(tmp_path):
@@ -45,14 +45,14 @@ def test_from_env_vars():
     environ = {
         "KVSHELF_CHUNK_SIZE": "64",
         "KVSHELF_DISK_BYTES": "10GB",
-        "KVSHELF_DISK_FSYNC": "true",
+        "KVSHELF_DISK_FSYNC": "false",
         "KVSHELF_REMOTE_TIMEOUT_S": "1.5",
         "UNRELATED": "ignored",
     }
     config = load_config(environ=environ)
     assert config.chunk_size == 64
     assert config.disk_bytes == 10 * GB
-    assert config.disk_fsync is True
+    assert config.disk_fsync is False
     assert config.remote_timeout_s == 1.5
 
 

@@ -13,8 +13,9 @@ of text, each setup runs in its own vLLM server, one after another:
                   memory tier (pinned host memory) and, in the background, its disk
                   tier; repeats load from memory
   kvshelf_mem     the same without the disk tier
-  kvshelf_fsync   kvshelf with disk_fsync on: each entry reaches the disk before the next
-                  is written, so the writes go at the disk's pace
+  kvshelf_buffered
+                  kvshelf with disk_fsync off: buffered writes, which fill the page cache
+                  at memory speed and are written back later
   kvshelf_disk    the kvshelf server restarted with the page cache dropped: repeats of
                   the 8K prompts load from kvshelf's disk tier
   lmcache         LMCache's LMCacheConnectorV1 (CPU tier), prefix caching off
@@ -62,7 +63,7 @@ SIZES = {"8k": 7500, "32k": 28500}  # words of text -> ~8.5K / ~32.5K prompt tok
 SMOKE_SIZES = {"8k": 300, "32k": 600}  # --smoke: a CPU dry run of the whole flow
 _LOADED = re.compile(r"loaded (\d+) bytes in ([\d.]+) ms")
 _LOOKED_UP = re.compile(r"Total tokens (\d+), kvshelf hit tokens: (\d+)")
-DISK_SETUPS = ("kvshelf", "kvshelf_fsync")  # kvshelf servers with a disk tier (a fresh one)
+DISK_SETUPS = ("kvshelf", "kvshelf_buffered")  # kvshelf servers with a disk tier (a fresh one)
 THROUGHPUT = ("none", "baseline", "kvshelf_mem", *DISK_SETUPS)  # setups whose bursts are measured
 SPANS = {  # vLLM histogram -> the part of a request's TTFT it times
     "server": "vllm:time_to_first_token_seconds",  # the API server's arrival to the first token
@@ -168,7 +169,7 @@ PROFILED = ("none", "baseline", "kvshelf", "kvshelf_mem")
 
 def disk_dir(work: Path, setup: str) -> Path:
     """kvshelf's disk tier for a setup: kvshelf_disk restarts kvshelf's server on kvshelf's."""
-    return work / ("kvshelf_fsync-disk" if setup == "kvshelf_fsync" else "kvshelf-disk")
+    return work / ("kvshelf_buffered-disk" if setup == "kvshelf_buffered" else "kvshelf-disk")
 
 
 def trace_dir(work: Path, setup: str) -> Path:
@@ -207,7 +208,7 @@ def setup_args(setup: str, work: Path, max_len: int, tp: int = 1,
         extra = {"cpu_bytes": "48GB", "save_queue_bytes": "24GB", "log_level": "DEBUG"}
         if setup != "kvshelf_mem":
             extra.update(disk_path=str(disk_dir(work, setup)), disk_bytes="40GB",
-                         disk_fsync=setup == "kvshelf_fsync")
+                         disk_fsync=setup != "kvshelf_buffered")
         return common + ["--no-enable-prefix-caching"] + kv_transfer(
             "KVShelfConnector", extra, kv_connector_module_path="kvshelf.vllm.connector"
         ), env
@@ -427,7 +428,7 @@ def measure_setup(setup, server, model_dir, work, results, words, sizes, cold_pr
         settle_disk(disk_dir(work, setup))
     else:
         server.stop()
-    if setup == "kvshelf_fsync":  # room on the disk for the next setup
+    if setup == "kvshelf_buffered":  # room on the disk for the next setup
         shutil.rmtree(disk_dir(work, setup), ignore_errors=True)
 
 
@@ -477,8 +478,8 @@ def table(results: Results, kv_bytes_per_token: int) -> list[dict]:
         tokens = next((s.prompt_tokens for s in results.samples if s.size == size and s.prompt_tokens), 0)
         rank_bytes = tokens * kv_bytes_per_token / results.tp
         copy_s = rank_bytes / (results.h2d_gbps * 1e9) if results.h2d_gbps else None
-        for setup in ("none", "baseline", "simple_offload", "kvshelf", "kvshelf_mem", "kvshelf_fsync",
-                      "kvshelf_disk", "lmcache"):
+        for setup in ("none", "baseline", "simple_offload", "kvshelf", "kvshelf_mem", "kvshelf_buffered",
+                      "kvshelf_fsync", "kvshelf_disk", "lmcache"):  # kvshelf_fsync: run 10's kvshelf
             for phase in ("cold", "warm"):
                 value = median_ttft(results, setup, size, phase)
                 if value is None:
@@ -589,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
             # vLLM's offloading and LMCache run at 8K only (their GPU/CPU sizing); kvshelf
             # does 32K before 8K so the 8K prompts are the ones its disk budget keeps.
             chosen = {"simple_offload": ["8k"], "lmcache": ["8k"], "kvshelf_disk": ["8k"],
-                      **dict.fromkeys(("kvshelf", "kvshelf_mem", "kvshelf_fsync"),
+                      **dict.fromkeys(("kvshelf", "kvshelf_mem", "kvshelf_buffered"),
                                       sorted(sizes, key=lambda s: -int(s[:-1])))}.get(setup, sizes)
             chosen = [s for s in chosen if s in sizes]
             try:
