@@ -251,15 +251,13 @@ def measure(client, server, results, setup, words, size, prompts, phase, repeats
 def histogram_sums(client: httpx.Client, server: VllmServer,
                    spans: dict[str, str] = SPANS) -> dict[str, tuple[float, float]]:
     """(sum, count) of each of vLLM's ``spans`` histograms, over all their label sets."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     try:
-        text = client.get(f"{server.url}/metrics").text
+        families = metric_families(client, server)
     except httpx.HTTPError:
         return {}
     wanted = {metric: name for name, metric in spans.items()}
     sums: dict[str, list[float]] = {}
-    for family in text_string_to_metric_families(text):
+    for family in families:
         name = wanted.get(family.name)
         if name is None:
             continue
@@ -275,13 +273,16 @@ def histogram_sums(client: httpx.Client, server: VllmServer,
 def metric_total(client: httpx.Client, server: VllmServer, family_name: str) -> float:
     """Sum of a counter family's ``_total`` samples in vLLM's /metrics; 0 when it has none
     (kvshelf's counters get their series at their first increment)."""
+    return sum(sample.value for family in metric_families(client, server)
+               if family.name == family_name for sample in family.samples
+               if sample.name.endswith("_total"))
+
+
+def metric_families(client: httpx.Client, server: VllmServer) -> list:
+    """vLLM's /metrics, parsed (prometheus_client metric families)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = client.get(f"{server.url}/metrics").text
-    values = [sample.value for family in text_string_to_metric_families(text)
-              if family.name == family_name for sample in family.samples
-              if sample.name.endswith("_total")]
-    return sum(values)
+    return list(text_string_to_metric_families(client.get(f"{server.url}/metrics").text))
 
 
 def histogram_means(client: httpx.Client, server: VllmServer, before: dict,
@@ -590,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
             # vLLM's offloading and LMCache run at 8K only (their GPU/CPU sizing); kvshelf
             # does 32K before 8K so the 8K prompts are the ones its disk budget keeps.
             chosen = {"simple_offload": ["8k"], "lmcache": ["8k"], "kvshelf_disk": ["8k"],
-                      **dict.fromkeys(("kvshelf", "kvshelf_mem", "kvshelf_buffered"),
+                      **dict.fromkeys(("kvshelf_mem", *DISK_SETUPS),
                                       sorted(sizes, key=lambda s: -int(s[:-1])))}.get(setup, sizes)
             chosen = [s for s in chosen if s in sizes]
             try:
