@@ -16,7 +16,16 @@ from dataclasses import dataclass, field
 
 from kvshelf.codec import Entry, payload_bytes
 from kvshelf.config import KVShelfConfig
-from kvshelf.keys import Chunk, ChunkPlan, MediaSpan, Namespace, StoreKey, plan_chunks, store_key
+from kvshelf.keys import (
+    Chunk,
+    ChunkPlan,
+    MediaSpan,
+    Namespace,
+    StoreKey,
+    plan_chunks,
+    state_chunk,
+    store_key,
+)
 from kvshelf.storage.base import HeapMemory, HostMemory, Store, StoreStats
 from kvshelf.storage.disk import DiskStore
 from kvshelf.storage.memory import MemoryStore
@@ -48,7 +57,9 @@ class _Hold:
 
 
 class CacheEngine:
-    """Thread-safe. ``remote`` is an optional third tier (e.g. Redis)."""
+    """Thread-safe. ``remote`` is an optional third tier (e.g. Redis). Without
+    ``write_lower`` saves stay in memory: another process writes the same entries to
+    disk and Redis."""
 
     def __init__(
         self,
@@ -57,6 +68,7 @@ class CacheEngine:
         payload_spec: PayloadSpec | None = None,
         host: HostMemory | None = None,
         remote: Store | None = None,
+        write_lower: bool = True,
     ):
         if namespace.chunk_size != config.chunk_size:
             raise ValueError("namespace.chunk_size must equal config.chunk_size")
@@ -76,7 +88,9 @@ class CacheEngine:
             remote = open_remote(config, memory)
         if remote is not None:
             lower.append(remote)
-        self.store = TieredStore(memory, lower, config.save_queue_bytes, config.save_threads)
+        self.store = TieredStore(
+            memory, lower, config.save_queue_bytes, config.save_threads, write_lower
+        )
         self.counters = EngineStats()
         self._heap = HeapMemory()
         self._holds: dict[str, _Hold] = {}
@@ -111,6 +125,32 @@ class CacheEngine:
             prefix += [c for c, w in zip(cuts, where) if w is not None][:1]
         return prefix
 
+    def locate_hit(self, plan: ChunkPlan, needs_state: bool = False) -> list[Chunk]:
+        """The chunks of the longest prefix that exists. With ``needs_state`` (models with
+        Mamba / linear-attention layers) the prefix must end where a recurrent state was
+        stored and at least one token before the prompt's end (vLLM computes the last
+        token itself, from exactly that state); the state's chunk comes last."""
+        located = self.locate(plan)
+        if not needs_state or not located:
+            return located
+        found = sum(1 for c in located if c.num_tokens == plan.chunk_size)
+        candidates = [list(plan.full[: i + 1]) for i in range(found)]
+        candidates += [
+            [*plan.full[: c.start // plan.chunk_size], c]
+            for c in plan.cuts
+            if c.start // plan.chunk_size <= found
+        ]
+        candidates = [c for c in candidates if c[-1].end < plan.num_tokens]
+        candidates.sort(key=lambda chunks: -chunks[-1].end)
+        # One existence query for every candidate's state and, for cuts, the cut itself.
+        asked = [state_chunk(c[-1]) for c in candidates] + [c[-1] for c in candidates]
+        where = self.store.locate([self.key(c) for c in asked])
+        num = len(candidates)
+        for i, chunks in enumerate(candidates):
+            if where[i] is not None and where[num + i] is not None:
+                return [*chunks, asked[i]]
+        return []
+
     def fetch(self, chunks: Sequence[Chunk], owner: str) -> list[Chunk]:
         """Read and verify ``chunks`` in order, stopping at the first that fails, and
         pin what was read under ``owner`` (adding to an existing hold). Returns the
@@ -131,13 +171,19 @@ class CacheEngine:
             hold.deadline = time.monotonic() + self.config.hold_timeout_s
         return [c for c, _ in good]
 
-    def fetch_plan(self, plan: ChunkPlan, owner: str) -> int:
+    def fetch_plan(self, plan: ChunkPlan, owner: str, needs_state: bool = False) -> int:
         """Hold (read, verify, pin) the longest loadable prefix of ``plan`` under
-        ``owner``, replacing any earlier hold; returns its length in tokens."""
+        ``owner``, replacing any earlier hold; returns its length in tokens. With
+        ``needs_state`` see :meth:`locate_hit`: a prefix that fails to read is no hit."""
         self.release(owner)
         self._expire_holds()
-        wanted = self.locate(plan)
+        wanted = self.locate_hit(plan, needs_state)
         got = self.fetch(wanted, owner)
+        if needs_state:
+            if len(got) < len(wanted):
+                self.release(owner)
+                return 0
+            return got[-1].end if got else 0
         if len(got) < len(wanted):
             # A full chunk or the longest cut failed: a shorter cut may still be readable.
             for cut in plan.cuts_from(len(got)):

@@ -45,6 +45,7 @@ NAMESPACE_ID_BYTES = 16
 STORE_KEY_BYTES = NAMESPACE_ID_BYTES + KEY_BYTES
 
 _ROOT_TAG = b"kvshelf/chunk-chain/v1\x00"
+_STATE_TAG = b"kvshelf/state/v1\x00"
 _CHUNK_HEAD = struct.Struct("<II")  # tokens in chunk, media runs in chunk
 _MEDIA_RUN = struct.Struct("<HIII")  # identifier bytes, start in item, offset in chunk, count
 # A content hash: optionally "something:" in front (vLLM prefixes LoRA names), then
@@ -118,6 +119,35 @@ class ChunkPlan:
     def all_chunks(self) -> tuple[Chunk, ...]:
         return self.full + self.cuts
 
+    def chunk_ending_at(self, end: int) -> Chunk | None:
+        """The full chunk or the cut that ends at token ``end``, if the plan has one."""
+        if end % self.chunk_size == 0 and 0 < end // self.chunk_size <= len(self.full):
+            return self.full[end // self.chunk_size - 1]
+        return next((c for c in self.cuts if c.end == end), None)
+
+    def chunks_up_to(self, end: int) -> list[Chunk]:
+        """The chunks a prefix of ``end`` tokens is loaded from: full chunks up to ``end``,
+        then the cut ending there (empty if ``end`` is no chunk end of the plan)."""
+        chunks = list(self.full[: end // self.chunk_size])
+        if end % self.chunk_size:
+            cut = next((c for c in self.cuts if c.end == end), None)
+            if cut is None:
+                return []
+            chunks.append(cut)
+        return chunks
+
+
+def state_chunk(chunk: Chunk) -> Chunk:
+    """The key under which the recurrent state (Mamba / linear attention) *after*
+    ``chunk``'s last token is stored: derived from the chunk's own key and digest, so it
+    names the whole prefix. Its ``start == end`` (a state covers no tokens)."""
+    return Chunk(
+        chunk.end,
+        chunk.end,
+        ChunkKey(blake3(_STATE_TAG + chunk.key).digest()),
+        CheckDigest(hashlib.sha256(_STATE_TAG + chunk.check).digest()),
+    )
+
 
 def store_key(namespace_id: NamespaceId, key: ChunkKey) -> StoreKey:
     return StoreKey(namespace_id + key)
@@ -133,9 +163,11 @@ def plan_chunks(
     spans: Sequence[MediaSpan] = (),
     chunk_size: int = 256,
     salt: str = "",
+    extra_cuts: Sequence[int] = (),
 ) -> ChunkPlan:
     """Keys for every full chunk and every cut chunk of a prompt.
 
+    ``extra_cuts`` adds cut points besides the media boundaries and the prompt's end.
     Raises :class:`UncacheableRequest` when an item's identifier is not a content hash
     or the spans do not fit the prompt.
     """
@@ -161,7 +193,7 @@ def plan_chunks(
     parents.append((key, check))
 
     cuts = []
-    for end in _cut_points(spans, n, chunk_size):
+    for end in _cut_points(spans, n, chunk_size, extra_cuts):
         index = end // chunk_size
         parent_key, parent_check = parents[index]
         cuts.append(_link(parent_key, parent_check, index * chunk_size, end, encoder))
@@ -184,8 +216,10 @@ def _checked_spans(spans: Sequence[MediaSpan], num_tokens: int) -> list[MediaSpa
     return ordered
 
 
-def _cut_points(spans: list[MediaSpan], num_tokens: int, chunk_size: int) -> list[int]:
-    points = {num_tokens}
+def _cut_points(
+    spans: list[MediaSpan], num_tokens: int, chunk_size: int, extra: Sequence[int] = ()
+) -> list[int]:
+    points = {num_tokens, *extra}
     for span in spans:
         points.update((span.offset, span.end))
     return sorted(p for p in points if 0 < p <= num_tokens and p % chunk_size)

@@ -52,9 +52,12 @@ class _Job:
 class WorkerLookup:
     """The worker's side: answers lookups from its engine. Thread-safe."""
 
-    def __init__(self, engine: CacheEngine, prefetch: bool, threads: int = 2):
+    def __init__(
+        self, engine: CacheEngine, prefetch: bool, threads: int = 2, needs_state: bool = False
+    ):
         self.engine = engine
         self.prefetch = prefetch
+        self.needs_state = needs_state  # a hit must end where a recurrent state was stored
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kvshelf-prefetch")
         self._jobs: dict[str, _Job] = {}
         self._lock = threading.Lock()
@@ -62,7 +65,7 @@ class WorkerLookup:
     def lookup(self, req_id: str, plan: ChunkPlan, wait_s: float) -> int:
         """Hit length in tokens, or :data:`PENDING`. Idempotent per request."""
         if not self.prefetch:
-            located = self.engine.locate(plan)
+            located = self.engine.locate_hit(plan, self.needs_state)
             return located[-1].end if located else 0
         keys = tuple(c.key for c in plan.full) + tuple(c.key for c in plan.cuts)
         with self._lock:
@@ -76,7 +79,7 @@ class WorkerLookup:
             return PENDING
 
     def _fetch(self, req_id: str, plan: ChunkPlan) -> int:
-        tokens = self.engine.fetch_plan(plan, req_id)
+        tokens = self.engine.fetch_plan(plan, req_id, self.needs_state)
         with self._lock:
             job = self._jobs.get(req_id)
             orphan = job is None or job.released

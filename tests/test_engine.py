@@ -12,7 +12,7 @@ from blake3 import blake3
 from kvshelf.codec import FORMAT_VERSION, Entry, payload_bytes
 from kvshelf.config import load_config
 from kvshelf.engine import CacheEngine
-from kvshelf.keys import Chunk, ChunkPlan, MediaSpan, Namespace
+from kvshelf.keys import Chunk, ChunkPlan, MediaSpan, Namespace, plan_chunks, state_chunk
 from kvshelf.storage.disk import DiskStore
 from tests.storage.test_tiered import SlowStore
 
@@ -24,7 +24,10 @@ BIRD = hashlib.sha256(b"a photo of a bird").hexdigest()
 
 
 def spec(num_tokens: int) -> tuple[str, tuple[int, ...]]:
-    """KV payload of a chunk: (K/V, tokens, 4 values) of float16 = 16 bytes a token."""
+    """KV payload of a chunk: (K/V, tokens, 4 values) of float16 = 16 bytes a token; a
+    recurrent state (0 tokens): 64 bytes."""
+    if num_tokens == 0:
+        return "uint8", (64,)
     return "float16", (2, num_tokens, 4)
 
 
@@ -446,3 +449,51 @@ def test_a_new_prompt_asks_about_few_keys(engine):
     tokens, spans = prompt(text(1, 100), (CAT, 30), text(2, 40 * CHUNK))
     assert engine.locate(engine.plan(tokens, spans)) == []
     assert disk.stats().lookups <= 8 + 2  # one batch of full chunks, the cuts in chunk 0
+
+
+# -- recurrent state (Mamba / linear attention) ------------------------------------------
+
+def state_lookup(engine: CacheEngine, plan: ChunkPlan, owner: str = "req") -> int:
+    hit = engine.fetch_plan(plan, owner, needs_state=True)
+    held = engine.held(owner)
+    if hit:  # the prefix's chunks, then the state where it ends
+        assert held[-1][0] == state_chunk(plan.chunks_up_to(hit)[-1])
+        assert held[-1][1].payload.tobytes() == kv_bytes(held[-1][0], 64)
+    else:
+        assert held == []
+    return hit
+
+
+def test_a_state_hit_ends_where_a_state_was_stored(engine):
+    tokens = text(1, 5 * CHUNK + 3)
+    plan = plan_chunks(tokens, (), CHUNK, extra_cuts=(3 * CHUNK + 8,))
+    save(engine, plan)
+    assert state_lookup(engine, plan) == 0  # chunks alone: no state, no hit
+    ends = (2 * CHUNK, 3 * CHUNK + 8)
+    save(engine, plan, [state_chunk(plan.chunk_ending_at(end)) for end in ends])
+    assert state_lookup(engine, plan) == 3 * CHUNK + 8  # the cut's state
+    # Without the cut's state, the next one down.
+    engine.store.delete([engine.key(state_chunk(plan.chunk_ending_at(ends[1])))])
+    assert state_lookup(engine, plan) == 2 * CHUNK
+
+
+def test_the_state_at_the_prompt_end_serves_a_longer_prompt_only(engine):
+    tokens = text(2, 3 * CHUNK + 5)
+    plan = plan_chunks(tokens, (), CHUNK)
+    save(engine, plan)
+    save(engine, plan, [state_chunk(plan.chunk_ending_at(len(tokens)))])
+    # vLLM computes the last token itself: a state after it is of no use to this prompt.
+    assert state_lookup(engine, plan) == 0
+    longer = plan_chunks(tokens + text(3, 40), (), CHUNK, extra_cuts=(len(tokens),))
+    assert state_lookup(engine, longer) == len(tokens)
+
+
+def test_a_state_that_fails_to_verify_is_no_hit(engine):
+    tokens = text(4, 4 * CHUNK + 1)
+    plan = plan_chunks(tokens, (), CHUNK)
+    save(engine, plan)
+    state = state_chunk(plan.chunk_ending_at(4 * CHUNK))
+    engine.store.put([wrong_check_entry(engine, state)])
+    assert engine.flush(10)
+    assert state_lookup(engine, plan) == 0
+    assert engine.stats()[0].verify_failures == 1

@@ -67,7 +67,7 @@ def test_a_slow_read_is_pending_then_ready(tmp_path, monkeypatch):
     worker = WorkerLookup(engine, prefetch=True)
     gate = []
     real_fetch = engine.fetch_plan
-    monkeypatch.setattr(engine, "fetch_plan", lambda p, o: gate.append(1) or real_fetch(p, o))
+    monkeypatch.setattr(engine, "fetch_plan", lambda p, o, *a: gate.append(1) or real_fetch(p, o, *a))
     first = worker.lookup("r", plan, wait_s=0.0)
     assert first in (PENDING, 64)
     assert worker.lookup("r", plan, wait_s=5.0) == 64

@@ -5,14 +5,26 @@
 - ``gqa7b``: the same CLIP front with a Qwen2-7B text model (Qwen2-VL-7B's language
   model): 28 layers, 4 KV heads, head size 128 -> 56 KiB of KV per token (GQA).
 
+Text models (``bench.json`` in the dir tells ttft.py how to serve them):
+
+- ``qwen35_9b``: Qwen3.5-9B's shape (``Qwen3_5ForConditionalGeneration``, the class vLLM
+  serves Qwen3.5 with): 24 Gated-DeltaNet layers, 8 full-attention layers with 4 KV heads of
+  256 -> 32 KiB of KV per token plus a recurrent state per request.
+- ``gemma3_12b``: Gemma 3 12B's text model: 40 sliding-window (1024) and 8 global layers,
+  8 KV heads of 256 -> 384 KiB of KV per token, of which the window layers keep 1024 tokens.
+
+- ``dsv2lite``: DeepSeek-V2-Lite (MLA, MoE): 27 layers, one 576-wide latent per token and
+  layer -> 31 KiB of KV per token, the same on every TP rank.
+
 Compute and KV bytes are those of the real models; the weights are random, so outputs are
 meaningless and only timings count. The tokenizer is trained locally (no hub access).
 
-usage: python benchmarks/gpu/models.py OUT_DIR {llava7b,gqa7b}
+usage: python benchmarks/gpu/models.py OUT_DIR {llava7b,gqa7b,qwen35_9b,gemma3_12b,dsv2lite}
 """
 
 from __future__ import annotations
 
+import json
 import random
 import sys
 from pathlib import Path
@@ -124,5 +136,59 @@ def build(out: Path, kind: str) -> Path:
     return out
 
 
+def write_deepseek_v2(out: Path, dtype: str) -> None:
+    from transformers import DeepseekV2Config
+
+    from kvshelf.testing.models import chatml_tokenizer
+
+    tok = chatml_tokenizer()
+    config = DeepseekV2Config(
+        vocab_size=-(-len(tok) // 64) * 64, hidden_size=2048, intermediate_size=10944,
+        moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16,
+        num_key_value_heads=16, n_shared_experts=2, n_routed_experts=64, num_experts_per_tok=6,
+        first_k_dense_replace=1, kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64,
+        qk_nope_head_dim=128, v_head_dim=128, max_position_embeddings=40960, dtype=dtype,
+        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+    )
+    config.architectures = ["DeepseekV2ForCausalLM"]
+    config.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+# How ttft.py serves the text models: text prompts; GDN prefill through Triton (the
+# bundle lacks what vLLM's SM90 CuTe-DSL kernel needs); SimpleCPUOffloadConnector's GPU
+# cache sized (in its large hybrid blocks) so that two 8K prompts fit, not five.
+TEXT_MODELS = {
+    "qwen35_9b": {"text_only": True, "serve_args": ["--gdn-prefill-backend", "triton"],
+                  "offload_blocks": 200},
+    "gemma3_12b": {"text_only": True, "serve_args": [], "offload_blocks": 1400},
+    "dsv2lite": {"text_only": True, "serve_args": [], "offload_blocks": 1400},
+}
+
+
+def build_text(out: Path, kind: str) -> Path:
+    from kvshelf.testing.models import write_gemma3_text, write_qwen3_5_vl
+    from kvshelf.testing.tokenizer import CORPUS_WORDS
+
+    out.mkdir(parents=True, exist_ok=True)
+    if kind == "qwen35_9b":  # transformers' defaults are the 9B text shape
+        write_qwen3_5_vl(out, {"hidden_size": 4096}, {}, "bfloat16")
+    elif kind == "dsv2lite":
+        write_deepseek_v2(out, "bfloat16")
+    else:
+        write_gemma3_text(out, {"hidden_size": 3840, "intermediate_size": 15360,
+                                "num_hidden_layers": 48, "num_attention_heads": 16,
+                                "num_key_value_heads": 8, "head_dim": 256,
+                                "sliding_window": 1024, "sliding_window_pattern": 6},
+                          "bfloat16", weights=False)
+    # The tokenizer's corpus words are one token each: prompts of known length.
+    (out / "words.txt").write_text("\n".join(CORPUS_WORDS))
+    (out / "bench.json").write_text(json.dumps(TEXT_MODELS[kind], indent=1))
+    return out
+
+
 if __name__ == "__main__":
-    print(build(Path(sys.argv[1]), sys.argv[2]))
+    kind = sys.argv[2]
+    print(build_text(Path(sys.argv[1]), kind) if kind in TEXT_MODELS
+          else build(Path(sys.argv[1]), kind))

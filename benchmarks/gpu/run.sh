@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU host (no network): install the vLLM 0.26 bundle staged in /tmp/stage, build
 # the 7B-shaped model dirs, and run the TTFT benchmark for one of them.
-# usage: benchmarks/gpu/run.sh {stage PART...|install|lmcache|llava7b|gqa7b}
+# usage: benchmarks/gpu/run.sh {stage PART...|install|lmcache|MODEL [ttft.py args]}
+#   MODEL: llava7b, gqa7b (built at install) or qwen35_9b, gemma3_12b, dsv2lite (built here)
 # Parts are made here with: benchmarks/gpu/build-bundle.sh .gpu-bundle
 set -u
 STAGE=/tmp/stage SITE=/tmp/site MODELS=/tmp/models OUT=${OUT:-/tmp/out}
@@ -9,7 +10,9 @@ here=$(cd "$(dirname "$0")" && pwd); repo=$(cd "$here/../.." && pwd)
 export PYTHONPATH=$SITE:$repo VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 \
        VLLM_NO_USAGE_STATS=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$STAGE" "$OUT"
-case ${1:?usage: run.sh stage PART...|install|lmcache|llava7b|gqa7b} in
+declare -A KV_BYTES=([llava7b]=524288 [gqa7b]=57344 [qwen35_9b]=32768 [gemma3_12b]=393216
+                     [dsv2lite]=31104)  # KV bytes per token (a recurrent state is per request)
+case ${1:?usage: run.sh stage PART...|install|lmcache|MODEL} in
   stage) shift; cp "$@" "$STAGE"/ && ls -la "$STAGE" ;;
   install)
     bash "$here/install-bundle.sh" "$STAGE" "$SITE" || exit 1
@@ -19,6 +22,7 @@ case ${1:?usage: run.sh stage PART...|install|lmcache|llava7b|gqa7b} in
     W=$(mktemp -d); cat "$STAGE"/lmcache.part.* | tar xf - -C "$W"
     python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$W"/lmcache/*.whl
     python3 -c 'import lmcache; print("lmcache", lmcache.__version__)' ;;
-  llava7b) exec python3 "$here/ttft.py" "$MODELS/llava7b" --out "$OUT" --kv-bytes-per-token 524288 "${@:2}" ;;
-  gqa7b) exec python3 "$here/ttft.py" "$MODELS/gqa7b" --out "$OUT" --kv-bytes-per-token 57344 "${@:2}" ;;
+  llava7b|gqa7b|qwen35_9b|gemma3_12b|dsv2lite)
+    [ -d "$MODELS/$1" ] || python3 "$here/models.py" "$MODELS/$1" "$1" || exit 1
+    exec python3 "$here/ttft.py" "$MODELS/$1" --out "$OUT" --kv-bytes-per-token "${KV_BYTES[$1]}" "${@:2}" ;;
 esac

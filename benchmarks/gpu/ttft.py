@@ -63,6 +63,7 @@ SIZES = {"8k": 7500, "32k": 28500}  # words of text -> ~8.5K / ~32.5K prompt tok
 SMOKE_SIZES = {"8k": 300, "32k": 600}  # --smoke: a CPU dry run of the whole flow
 _LOADED = re.compile(r"loaded (\d+) bytes in ([\d.]+) ms")
 _LOOKED_UP = re.compile(r"Total tokens (\d+), kvshelf hit tokens: (\d+)")
+SERVING: dict = {}  # the model dir's bench.json: text_only, serve_args, offload_blocks
 DISK_SETUPS = ("kvshelf", "kvshelf_buffered")  # kvshelf servers with a disk tier (a fresh one)
 THROUGHPUT = ("none", "baseline", "kvshelf_mem", *DISK_SETUPS)  # setups whose bursts are measured
 SPANS = {  # vLLM histogram -> the part of a request's TTFT it times
@@ -126,6 +127,8 @@ def chat_body(model: str, words: list[str], size: str, prompt: int, max_tokens: 
         {"type": "image_url", "image_url": {"url": image_url(1000 * prompt + len(size))}},
         {"type": "text", "text": text},
     ]
+    if SERVING.get("text_only"):
+        content = content[1:]
     return {
         "model": model,
         "messages": [{"role": "user", "content": content}],
@@ -181,7 +184,7 @@ def setup_args(setup: str, work: Path, max_len: int, tp: int = 1,
                profile: bool = False) -> tuple[list[str], dict[str, str]]:
     common = ["--load-format", "dummy", "--max-model-len", str(max_len),
               "--gpu-memory-utilization", "0.85", "--served-model-name", "m",
-              "--tensor-parallel-size", str(tp)]
+              "--tensor-parallel-size", str(tp), *SERVING.get("serve_args", [])]
     if profile and setup in PROFILED:
         traces = trace_dir(work, setup)
         shutil.rmtree(traces, ignore_errors=True)  # only this server's trace in there
@@ -199,7 +202,8 @@ def setup_args(setup: str, work: Path, max_len: int, tp: int = 1,
         return common, env
     if setup == "simple_offload":  # 1400 blocks of 16 tokens: two 8K prompts fit, not five
         common[common.index("--max-model-len") + 1] = "20000"
-        return common + ["--num-gpu-blocks-override", "1400"] + kv_transfer(
+        blocks = str(SERVING.get("offload_blocks", 1400))
+        return common + ["--num-gpu-blocks-override", blocks] + kv_transfer(
             "SimpleCPUOffloadConnector", {"cpu_bytes_to_use": 40_000_000_000}
         ), env
     if setup in ("kvshelf_mem", "kvshelf_disk", *DISK_SETUPS):
@@ -568,6 +572,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     earlier = args.out / f"ttft_{args.model_dir.name}.json"
+    if (args.model_dir / "bench.json").exists():
+        SERVING.update(json.loads((args.model_dir / "bench.json").read_text()))
     if args.smoke:
         SIZES.update(SMOKE_SIZES)
     if args.resume and earlier.exists():

@@ -41,9 +41,13 @@ class TieredStore:
         lower: Sequence[Store] = (),
         queue_bytes: int = 2 * 10**9,
         threads: int = 2,
+        write_lower: bool = True,
     ):
         self.memory = memory
         self.lower = list(lower)
+        # False: this process only reads the lower tiers (another one writes the same
+        # entries there, e.g. rank 0 of a TP group whose ranks all hold the same MLA latent).
+        self.write_lower = write_lower
         self.tiers: list[Store] = ([memory] if memory is not None else []) + self.lower
         self._queue: queue.Queue[list[tuple[Entry, bool]] | None] = queue.Queue()
         self._queue_stats = SaveQueueStats(capacity_bytes=queue_bytes)
@@ -107,7 +111,7 @@ class TieredStore:
         """Store in memory now and queue for the lower tiers; never blocks."""
         if not entries:
             return
-        keep = bool(self.lower)
+        keep = bool(self.lower) and self.write_lower
         resident = []
         for entry in entries:
             held = self.memory.insert(entry, pin=keep) if self.memory is not None else None

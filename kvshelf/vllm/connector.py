@@ -16,9 +16,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    SupportsHMA,
 )
 
-from kvshelf.config import load_config
+from kvshelf.config import ConfigError, KVShelfConfig, load_config
+from kvshelf.vllm.groups import describe_groups
 from kvshelf.vllm.logs import configure_logging
 from kvshelf.vllm.metrics import KVShelfPromMetrics, KVShelfStats
 from kvshelf.vllm.scheduler import KVShelfMetadata, SchedulerSide
@@ -35,7 +37,10 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 
-class KVShelfConnector(KVConnectorBase_V1):
+class KVShelfConnector(KVConnectorBase_V1, SupportsHMA):
+    """Declares ``SupportsHMA``: vLLM keeps its hybrid KV cache manager on, so hybrid
+    models (sliding window, Mamba / linear attention) start and are cached per group."""
+
     def __init__(
         self,
         vllm_config: VllmConfig,
@@ -45,14 +50,23 @@ class KVShelfConnector(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         config = load_config(self._kv_transfer_config.kv_connector_extra_config)
         configure_logging(config.log_level)
+        groups = describe_groups(kv_cache_config)
+        config = _fit_chunk_size(config, vllm_config.cache_config.block_size, role)
+        if groups.unsupported and role == KVConnectorRole.SCHEDULER:
+            logger.warning(
+                "kvshelf cannot cache this model's KV cache yet (%s); serving goes on "
+                "uncached", groups.unsupported,
+            )
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
         self._stats_broken = False
         if role == KVConnectorRole.SCHEDULER:
-            self._scheduler = SchedulerSide(vllm_config, config, self._kv_transfer_config.kv_role)
+            self._scheduler = SchedulerSide(
+                vllm_config, config, self._kv_transfer_config.kv_role, groups
+            )
         else:
             num_blocks = getattr(kv_cache_config, "num_blocks", None)
-            self._worker = WorkerSide(vllm_config, config, num_blocks)
+            self._worker = WorkerSide(vllm_config, config, num_blocks, groups)
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -101,7 +115,12 @@ class KVShelfConnector(KVConnectorBase_V1):
             return self._scheduler_side().build_connector_meta(scheduler_output)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, Any]:
-        return self._scheduler_side().request_finished(request, block_ids)
+        return self._scheduler_side().request_finished(request)
+
+    def request_finished_all_groups(
+        self, request: Request, block_ids: tuple[list[int], ...]
+    ) -> tuple[bool, Any]:
+        return self._scheduler_side().request_finished(request)
 
     # -- metrics (both sides) ----------------------------------------------------
     def get_kv_connector_stats(self) -> KVShelfStats | None:
@@ -139,3 +158,21 @@ class KVShelfConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVShelfMetadata)
         return meta
+
+
+def _fit_chunk_size(config: KVShelfConfig, block_size: int, role: KVConnectorRole) -> KVShelfConfig:
+    """A chunk must be whole blocks. Hybrid models get blocks of vLLM's choosing (page
+    sizes matched to the recurrent state, e.g. 384 or 528 tokens), so the default chunk
+    size follows them; a chunk_size the user set is an error to fix instead."""
+    if not block_size or config.chunk_size % block_size == 0:
+        return config
+    fitted = max(1, round(config.chunk_size / block_size)) * block_size
+    if "chunk_size" in config.model_fields_set:
+        raise ConfigError(
+            f"chunk_size {config.chunk_size} must be a multiple of vLLM's block size "
+            f"{block_size}; use {fitted} instead"
+        )
+    if role == KVConnectorRole.SCHEDULER:
+        logger.info("chunk_size %d -> %d: whole blocks of %d tokens",
+                    config.chunk_size, fitted, block_size)
+    return config.model_copy(update={"chunk_size": fitted})

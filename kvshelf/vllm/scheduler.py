@@ -15,8 +15,17 @@ from typing import TYPE_CHECKING, Any
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
 from kvshelf.config import ConfigError, KVShelfConfig
-from kvshelf.keys import Chunk, ChunkKey, ChunkPlan, MediaSpan, UncacheableRequest, plan_chunks
+from kvshelf.keys import (
+    Chunk,
+    ChunkKey,
+    ChunkPlan,
+    MediaSpan,
+    UncacheableRequest,
+    plan_chunks,
+    state_chunk,
+)
 from kvshelf.lookup import PENDING, LookupClient, socket_path
+from kvshelf.vllm.groups import CacheGroups
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -28,24 +37,32 @@ logger = logging.getLogger("kvshelf.scheduler")
 MIN_HIT_TOKENS = 16
 
 
+BlockIds = tuple[list[int], ...]  # per KV cache group, as vLLM gives them
+
+
 @dataclass
 class LoadSpec:
-    """Load ``chunks`` into the request's blocks, writing tokens ``[start, end)``."""
+    """Load ``chunks`` into the request's blocks, writing tokens ``[start, end)``; with
+    ``state``, load that recurrent state into block ``state_slots[i]`` of state group i."""
 
     req_id: str
     chunks: list[Chunk]
-    block_ids: list[int]
+    block_ids: BlockIds
     start: int  # first token to write: block-aligned (vLLM's own hit ends on a block)
     end: int
+    state: Chunk | None = None
+    state_slots: list[int] = field(default_factory=list)
 
 
 @dataclass
 class SaveSpec:
-    """Save ``chunks``, whose tokens are computed once this step's forward is done."""
+    """Save ``chunks``, whose tokens are computed once this step's forward is done, and
+    ``states``: each a state entry and the block of every state group holding it."""
 
     req_id: str
     chunks: list[Chunk]
-    block_ids: list[int]
+    block_ids: BlockIds
+    states: list[tuple[Chunk, list[int]]] = field(default_factory=list)
 
 
 @dataclass
@@ -62,24 +79,34 @@ class _Request:
     media: list[tuple[str, int, int]] = field(default_factory=list)  # modality, offset, length
     hit_tokens: int = 0
     done: set[ChunkKey] = field(default_factory=set)  # cached or already saved
-    block_ids: list[int] = field(default_factory=list)
+    block_ids: BlockIds = ()
     external_tokens: int = 0  # to load in the request's next step
     checked: int = 0  # prompt tokens already looked at for saves
     logged: bool = False
 
 
 class SchedulerSide:
-    def __init__(self, vllm_config: VllmConfig, config: KVShelfConfig, role: str | None):
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        config: KVShelfConfig,
+        role: str | None,
+        groups: CacheGroups | None = None,
+    ):
         self.config = config
         self.block_size = vllm_config.cache_config.block_size
+        self.groups = groups
+        self.state_groups = groups.state_groups if groups is not None else ()
+        self.max_step_tokens = vllm_config.scheduler_config.max_num_batched_tokens
         if config.chunk_size % self.block_size:
             better = max(1, round(config.chunk_size / self.block_size)) * self.block_size
             raise ConfigError(
                 f"chunk_size {config.chunk_size} must be a multiple of vLLM's block size "
                 f"{self.block_size}; use {better} instead"
             )
-        self.load_enabled = role != "kv_producer"
-        self.save_enabled = role != "kv_consumer"
+        cacheable = groups is None or groups.unsupported is None
+        self.load_enabled = role != "kv_producer" and cacheable
+        self.save_enabled = role != "kv_consumer" and cacheable
         engine_id = vllm_config.kv_transfer_config.engine_id
         parallel = vllm_config.parallel_config
         num_ranks = parallel.tensor_parallel_size * parallel.pipeline_parallel_size
@@ -109,7 +136,9 @@ class SchedulerSide:
             hit = 0  # loading KV to skip a handful of tokens costs more than it saves
         state.hit_tokens = hit
         # Everything the hit covers is stored already, media cuts included: never resave.
-        state.done.update(c.key for c in state.plan.all_chunks() if c.end <= hit)
+        covered = [c for c in state.plan.all_chunks() if c.end <= hit]
+        state.done.update(c.key for c in covered)
+        state.done.update(state_chunk(c).key for c in covered)
         # vLLM must compute at least the last token itself to produce logits.
         usable = min(hit, request.num_tokens - 1)
         return max(0, usable - num_computed_tokens), False
@@ -132,7 +161,7 @@ class SchedulerSide:
         for new in scheduler_output.scheduled_new_reqs:
             state = self._requests.get(new.req_id)
             if state is not None:
-                state.block_ids = list(new.block_ids[0])
+                state.block_ids = tuple(list(ids) for ids in new.block_ids)
                 self._emit(new.req_id, state, new.num_computed_tokens, scheduled[new.req_id], meta)
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
@@ -141,14 +170,17 @@ class SchedulerSide:
                 continue
             new_blocks = cached.new_block_ids[i]
             if req_id in cached.resumed_req_ids:
-                state.block_ids = list(new_blocks[0]) if new_blocks else []
+                state.block_ids = tuple(list(ids) for ids in new_blocks) if new_blocks else ()
             elif new_blocks is not None:
-                state.block_ids.extend(new_blocks[0])
+                if not state.block_ids:
+                    state.block_ids = tuple([] for _ in new_blocks)
+                for ids, more in zip(state.block_ids, new_blocks):
+                    ids.extend(more)
             computed = cached.num_computed_tokens[i]
             self._emit(req_id, state, computed, scheduled[req_id], meta)
         return meta
 
-    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, Any]:
+    def request_finished(self, request: Request, block_ids: object = None) -> tuple[bool, Any]:
         if self._requests.pop(request.request_id, None) is not None:
             self._released.append(request.request_id)
         return False, None  # saves are copied out during the step: blocks can go now
@@ -181,7 +213,11 @@ class SchedulerSide:
         spans = [MediaSpan(f.identifier, f.mm_position.offset, f.mm_position.length) for f in features]
         try:
             return plan_chunks(
-                request.prompt_token_ids, spans, self.config.chunk_size, request.cache_salt or ""
+                request.prompt_token_ids,
+                spans,
+                self.config.chunk_size,
+                request.cache_salt or "",
+                self._state_cuts(request.num_prompt_tokens),
             )
         except UncacheableRequest as exc:
             self._warn_once(
@@ -202,22 +238,67 @@ class SchedulerSide:
     ) -> None:
         """Add this step's load (tokens computed so far include it) and saves."""
         if state.external_tokens and state.plan is not None:
-            start = computed - state.external_tokens
-            chunks = _chunks_up_to(state.plan, state.hit_tokens)
-            state.done.update(c.key for c in chunks)
-            loads = [c for c in chunks if c.end > start]
-            meta.loads.append(LoadSpec(req_id, loads, list(state.block_ids), start, computed))
+            meta.loads.append(self._load_spec(req_id, state, computed))
             state.external_tokens = 0
         if state.plan is None or not self.save_enabled:
             return
-        limit = min(computed + scheduled, state.num_prompt_tokens)
+        end = computed + scheduled
+        limit = min(end, state.num_prompt_tokens)
         if limit <= state.checked:
             return  # decoding, or recomputing what was looked at: nothing new to save
+        first = max(state.checked, computed)  # states before the step are gone or saved
         state.checked = limit
         ready = [c for c in state.plan.all_chunks() if c.end <= limit and c.key not in state.done]
-        if ready:
-            state.done.update(c.key for c in ready)
-            meta.saves.append(SaveSpec(req_id, ready, list(state.block_ids)))
+        state.done.update(c.key for c in ready)
+        states = self._states_to_save(state, first, limit, end)
+        if ready or states:
+            meta.saves.append(SaveSpec(req_id, ready, state.block_ids, states))
+
+    def _load_spec(self, req_id: str, state: _Request, computed: int) -> LoadSpec:
+        start = computed - state.external_tokens
+        chunks = state.plan.chunks_up_to(state.hit_tokens)
+        state.done.update(c.key for c in chunks)
+        loads = [c for c in chunks if c.end > start]
+        spec = LoadSpec(req_id, loads, state.block_ids, start, computed)
+        if self.state_groups and chunks:
+            # The hit ends exactly where its state was stored (see CacheEngine.locate_hit).
+            spec.state = state_chunk(chunks[-1])
+            slots = [g.state_slot(state.block_ids[g.index], computed) for g in self.state_groups]
+            spec.state_slots = [s if s is not None else -1 for s in slots]
+        return spec
+
+    def _states_to_save(
+        self, state: _Request, first: int, limit: int, end: int
+    ) -> list[tuple[Chunk, list[int]]]:
+        """The state at the step's end, if a chunk or cut ends there: vLLM keeps the
+        state after the last computed token only (in "align" mode too, in the slot of
+        the block that token is in; earlier slots may hold nothing)."""
+        if not self.state_groups or not first < end <= limit:
+            return []
+        chunk = state.plan.chunk_ending_at(end)
+        if chunk is None or state_chunk(chunk).key in state.done:
+            return []
+        slots = [g.state_slot(state.block_ids[g.index], end) for g in self.state_groups]
+        if None in slots:
+            return []
+        saved = state_chunk(chunk)
+        state.done.add(saved.key)
+        return [(saved, slots)]
+
+    def _state_cuts(self, num_prompt_tokens: int) -> tuple[int, ...]:
+        """Cut points where a prefill step of a model with recurrent state is likely to
+        end, so its state there can be keyed: every multiple of the step's token budget,
+        and in "align" mode the last block boundary before the prompt's end (vLLM stops
+        a step there to keep the state a repeated prompt needs)."""
+        if not self.state_groups:
+            return ()
+        step = self.max_step_tokens
+        cuts = set(range(step, num_prompt_tokens, step)) if step else set()
+        aligned = [g for g in self.state_groups if g.align]
+        if aligned and num_prompt_tokens > 1:
+            size = aligned[0].block_size
+            cuts.add((num_prompt_tokens - 1) // size * size)
+        return tuple(sorted(c for c in cuts if c > 0))
 
     def stats(self) -> dict | None:
         """Counter increments since the last call (for vLLM's metrics)."""
@@ -251,15 +332,6 @@ class SchedulerSide:
         if reason not in self._warned:
             self._warned.add(reason)
             logger.warning(message, *args)
-
-
-def _chunks_up_to(plan: ChunkPlan, tokens: int) -> list[Chunk]:
-    """The chunks of the hit: full chunks up to ``tokens``, then the cut ending there."""
-    chunks = [c for c in plan.full if c.end <= tokens]
-    if not chunks or chunks[-1].end < tokens:
-        start = len(chunks) * plan.chunk_size
-        chunks += [c for c in plan.cuts if c.start == start and c.end == tokens]
-    return chunks
 
 
 def _media_ids_are_hashes(vllm_config: VllmConfig) -> bool:

@@ -25,7 +25,9 @@ from kvshelf.config import KVShelfConfig
 from kvshelf.engine import CacheEngine
 from kvshelf.keys import Chunk, Namespace
 from kvshelf.lookup import LookupServer, WorkerLookup, socket_path
-from kvshelf.vllm.layout import BlockCopier, KVLayout, discover_layout
+from kvshelf.vllm.groups import CacheGroups, GroupKind
+from kvshelf.vllm.hybrid import PAYLOAD_DTYPE, ChunkCopy, HybridCache, HybridMover, StateCopy
+from kvshelf.vllm.layout import BlockCopier, LayoutError, discover_layout
 from kvshelf.vllm.metrics import series
 from kvshelf.vllm.movers import Completer, LoadItem, SaveItem, StepCopies, make_mover
 from kvshelf.vllm.scheduler import KVShelfMetadata, LoadSpec
@@ -37,10 +39,18 @@ logger = logging.getLogger("kvshelf.worker")
 
 
 class WorkerSide:
-    def __init__(self, vllm_config: VllmConfig, config: KVShelfConfig, num_blocks: int | None):
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        config: KVShelfConfig,
+        num_blocks: int | None,
+        groups: CacheGroups | None = None,
+    ):
         self.vllm_config = vllm_config
         self.config = config
         self.num_blocks = num_blocks
+        self.groups = groups
+        self.hybrid: HybridCache | None = None
         self.rank, self.world = _rank_and_world(vllm_config)
         self.engine: CacheEngine | None = None
         self.copier: BlockCopier | None = None
@@ -65,42 +75,66 @@ class WorkerSide:
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         cache_config = self.vllm_config.cache_config
         num_blocks = self.num_blocks or cache_config.num_gpu_blocks
-        layout, raws = discover_layout(
-            kv_caches, num_blocks, cache_config.block_size, _backend_name(self.vllm_config, kv_caches)
-        )
-        self.copier = BlockCopier(layout, raws)
-        self.mover = make_mover(self.copier)
-        self._on_cpu = self.copier.device.type == "cpu"
-        self._layer_index = _layer_indices(kv_caches, layout)
+        backend = _backend_name(self.vllm_config, kv_caches)
+        if self.groups is not None and self.groups.unsupported:
+            return  # the connector said so at start; serving goes on uncached
+        if self.groups is None or self.groups.uniform:
+            layout, raws = discover_layout(kv_caches, num_blocks, cache_config.block_size, backend)
+            self.copier = BlockCopier(layout, raws)
+            self.mover = make_mover(self.copier)
+            self._on_cpu = self.copier.device.type == "cpu"
+            self._layer_index = _layer_indices(kv_caches, layout)
+            signature = layout.signature()
+            payload_spec = lambda n: (layout.dtype, layout.payload_shape(n))  # noqa: E731
+            slot_bytes = self.copier.block_bytes * layout.num_blocks_for(self.config.chunk_size)
+        else:
+            try:
+                self.hybrid = HybridCache(self.groups, kv_caches, num_blocks, backend)
+            except LayoutError as exc:
+                logger.warning("kvshelf cannot copy this model's KV cache (%s); not caching", exc)
+                return
+            hybrid = self.hybrid
+            self.mover = HybridMover(hybrid)
+            self._on_cpu = hybrid.device.type == "cpu"
+            signature = hybrid.signature()
+            payload_spec = lambda n: (PAYLOAD_DTYPE, hybrid.payload_shape(n))  # noqa: E731
+            slot_bytes = max(hybrid.payload_shape(self.config.chunk_size)[0],
+                             hybrid.payload_shape(0)[0])
+        self.block_size = cache_config.block_size
+        # MLA's latent is the same on every tensor-parallel rank: one namespace for all of
+        # them, and only the first rank writes to disk and Redis (stored once, not per rank).
+        mla = self.groups is not None and self.groups.groups[0].kind is GroupKind.MLA
+        tp = self.vllm_config.parallel_config.tensor_parallel_size
+        rank, world = (self.rank // tp, self.world // tp) if mla else (self.rank, self.world)
         namespace = Namespace(
             model=_model_id(self.vllm_config),
-            layout=layout.signature(),
-            tp_rank=self.rank,
-            tp_size=self.world,
+            layout=signature,
+            tp_rank=rank,
+            tp_size=world,
             chunk_size=self.config.chunk_size,
             format_version=FORMAT_VERSION,
         )
         self.engine = CacheEngine(
-            self.config,
-            namespace,
-            lambda n: (layout.dtype, layout.payload_shape(n)),
-            host=self._host_memory(layout),
+            self.config, namespace, payload_spec, host=self._host_memory(slot_bytes),
+            write_lower=not mla or self.rank % tp == 0,
         )
-        self._lookup = WorkerLookup(self.engine, self.config.prefetch)
+        needs_state = self.hybrid is not None and self.groups.has_state
+        # A hybrid model's blocks cannot be reported as failed loads (vLLM maps them to
+        # requests by group 0 alone), so its hits are always read and verified first.
+        prefetch = self.config.prefetch or self.hybrid is not None
+        self._lookup = WorkerLookup(self.engine, prefetch, needs_state=needs_state)
         engine_id = self.vllm_config.kv_transfer_config.engine_id
         self._server = LookupServer(self._lookup, socket_path(engine_id, self.rank))
         logger.info(
             "rank %d/%d caching %s under namespace %s",
-            self.rank, self.world, layout.signature(), self.engine.namespace_id.hex(),
+            self.rank, self.world, signature, self.engine.namespace_id.hex(),
         )
 
-    def _host_memory(self, layout: KVLayout):
-        if self.copier.device.type != "cuda" or self.config.cpu_bytes == 0:
+    def _host_memory(self, slot_bytes: int):
+        if self._on_cpu or self.config.cpu_bytes == 0:
             return None  # plain heap memory
         from kvshelf.vllm.pinned import PinnedMemory
 
-        item = torch.empty((), dtype=self.copier.torch_dtype).element_size()
-        slot_bytes = math.prod(layout.payload_shape(self.config.chunk_size)) * item
         logger.info(
             "pinning up to %.1f GB of host memory for the memory tier", self.config.cpu_bytes / 1e9
         )
@@ -115,45 +149,88 @@ class WorkerSide:
             self._completer.after(None, lambda ok: self._release(released))
         if not meta.loads:
             return
+        if self.hybrid is not None:
+            self._load_hybrid(meta)
+            return
         items: list[LoadItem] = []
         for spec in meta.loads:
             try:
                 items.extend(self._load_items(spec))
             except (RuntimeError, ValueError):  # never crash the engine: recompute
                 logger.exception("load of request %s failed", spec.req_id)
-                self._fail(spec, spec.start // self.copier.layout.block_size)
+                self._fail(spec, spec.start // self.block_size)
         try:
             self.mover.load(items, forward_context)
         except RuntimeError:
             logger.exception("KV copy into the cache failed")
             for spec in meta.loads:
-                self._fail(spec, spec.start // self.copier.layout.block_size)
+                self._fail(spec, spec.start // self.block_size)
         # The copies are enqueued (CUDA) or done (CPU); the holds go when the step ends.
         self._loaded.extend(spec.req_id for spec in meta.loads)
         self._load_bytes += sum(len(item.block_ids) for item in items) * self.copier.block_bytes
 
-    def _load_items(self, spec: LoadSpec) -> list[LoadItem]:
+    def _held(self, spec: LoadSpec, chunks: list[Chunk]) -> dict[bytes, object]:
+        """The entries held for ``spec``'s request, reading ``chunks`` now if missing."""
         held = {chunk.key: entry for chunk, entry in self.engine.held(spec.req_id)}
-        missing = [c for c in spec.chunks if c.key not in held]
+        missing = [c for c in chunks if c.key not in held]
         if missing:  # prefetch off, or the hold expired: read now
             self.engine.fetch(missing, spec.req_id)
             held = {chunk.key: entry for chunk, entry in self.engine.held(spec.req_id)}
+        return held
+
+    def _load_items(self, spec: LoadSpec) -> list[LoadItem]:
+        held = self._held(spec, spec.chunks)
         origins = self.engine.origins(spec.req_id)
-        block_size = self.copier.layout.block_size
         items = []
         for chunk in spec.chunks:
-            first = max(chunk.start, spec.start) // block_size
-            last = math.ceil(min(chunk.end, spec.end) / block_size)
+            first, last = self._block_span(chunk, spec)
             entry = held.get(chunk.key)
             if entry is None:
                 self._fail(spec, first)
                 break
             payload = self.copier.payload_view(_buffer(entry), chunk.num_tokens)
-            first_in_chunk = first - chunk.start // block_size
-            items.append(LoadItem(payload, first_in_chunk, spec.block_ids[first:last]))
+            first_in_chunk = first - chunk.start // self.block_size
+            items.append(LoadItem(payload, first_in_chunk, spec.block_ids[0][first:last]))
             loaded = min(chunk.end, spec.end) - max(chunk.start, spec.start)
             self._loaded_tokens[origins.get(chunk.key, "")] += loaded
         return items
+
+    def _block_span(self, chunk: Chunk, spec: LoadSpec) -> tuple[int, int]:
+        """The request's blocks ``[first, last)`` that ``chunk`` writes for ``spec``."""
+        first = max(chunk.start, spec.start) // self.block_size
+        return first, math.ceil(min(chunk.end, spec.end) / self.block_size)
+
+    def _load_hybrid(self, meta: KVShelfMetadata) -> None:
+        """Every group's blocks, and the recurrent state where the hit ends. A hybrid
+        model's hits were read and verified at lookup (prefetch), so a missing entry
+        means its hold expired: it is read again; if that fails the load is skipped
+        with an error (vLLM cannot take block-level failures for several groups)."""
+        chunks: list[ChunkCopy] = []
+        states: list[StateCopy] = []
+        token_groups = [g.index for g in self.groups.token_groups]
+        for spec in meta.loads:
+            wanted = spec.chunks + ([spec.state] if spec.state is not None else [])
+            held = self._held(spec, wanted)
+            origins = self.engine.origins(spec.req_id)
+            if any(c.key not in held for c in wanted) or min(spec.state_slots, default=0) < 0:
+                self._failed_blocks += math.ceil((spec.end - spec.start) / self.block_size)
+                logger.error("request %s: cannot load its cached prefix", spec.req_id)
+                continue
+            for chunk in spec.chunks:
+                first, last = self._block_span(chunk, spec)
+                ids = [spec.block_ids[g][first:last] for g in token_groups]
+                offset = first - chunk.start // self.block_size
+                chunks.append(ChunkCopy(_buffer(held[chunk.key]), chunk.num_tokens, offset, ids))
+                loaded = min(chunk.end, spec.end) - max(chunk.start, spec.start)
+                self._loaded_tokens[origins.get(chunk.key, "")] += loaded
+            if spec.state is not None:
+                states.append(StateCopy(_buffer(held[spec.state.key]), spec.state_slots))
+        try:
+            self.mover.load((chunks, states))
+        except RuntimeError:
+            logger.exception("KV copy into the cache failed")
+        self._loaded.extend(spec.req_id for spec in meta.loads)
+        self._load_bytes += sum(c.num_blocks for c in chunks) * self.hybrid.block_bytes()
 
     def _release(self, req_ids: list[str]) -> None:
         for req_id in req_ids:
@@ -161,13 +238,13 @@ class WorkerSide:
 
     def _fail(self, spec: LoadSpec, first_block: int) -> None:
         """Report every block from ``first_block`` to the end of the load as failed."""
-        last = math.ceil(spec.end / self.copier.layout.block_size)
-        failed = spec.block_ids[first_block:last]
+        last = math.ceil(spec.end / self.block_size)
+        failed = spec.block_ids[0][first_block:last]
         self._load_errors.update(failed)
         self._failed_blocks += len(failed)
         logger.warning(
             "request %s: cannot load tokens from %d on; vLLM recomputes %d blocks",
-            spec.req_id, first_block * self.copier.layout.block_size, len(failed),
+            spec.req_id, first_block * self.block_size, len(failed),
         )
 
     def wait_for_layer_load(self, layer_name: str) -> None:
@@ -244,13 +321,16 @@ class WorkerSide:
     def _begin_saves(self, meta: KVShelfMetadata) -> None:
         if self._saving is not None and self._saving[0] is meta:
             return
+        if self.hybrid is not None:
+            self._begin_hybrid_saves(meta)
+            return
         entries: list[Entry] = []
         items: list[SaveItem] = []
         layout = self.copier.layout
         for spec in meta.saves:
             for chunk in spec.chunks:
-                blocks = _block_range(chunk, layout)
-                if blocks.stop > len(spec.block_ids):
+                blocks = _block_range(chunk, self.block_size)
+                if blocks.stop > len(spec.block_ids[0]):
                     logger.warning("request %s lost blocks before its save", spec.req_id)
                     break
                 shape = layout.payload_shape(chunk.num_tokens)
@@ -259,9 +339,37 @@ class WorkerSide:
                     continue
                 entries.append(entry)
                 payload = self.copier.payload_view(_buffer(entry), chunk.num_tokens)
-                items.append(SaveItem(payload, spec.block_ids[blocks.start : blocks.stop]))
+                items.append(SaveItem(payload, spec.block_ids[0][blocks.start : blocks.stop]))
         self._saving = (meta, entries)
         self.mover.begin_saves(items)
+
+    def _begin_hybrid_saves(self, meta: KVShelfMetadata) -> None:
+        entries: list[Entry] = []
+        chunks: list[ChunkCopy] = []
+        states: list[StateCopy] = []
+        token_groups = [g.index for g in self.groups.token_groups]
+        for spec in meta.saves:
+            for chunk in spec.chunks:
+                blocks = _block_range(chunk, self.block_size)
+                if any(blocks.stop > len(spec.block_ids[g]) for g in token_groups):
+                    logger.warning("request %s lost blocks before its save", spec.req_id)
+                    break
+                entry = self._new_entry(chunk)
+                if entry is not None:
+                    entries.append(entry)
+                    ids = [spec.block_ids[g][blocks.start : blocks.stop] for g in token_groups]
+                    chunks.append(ChunkCopy(_buffer(entry), chunk.num_tokens, 0, ids))
+            for state, slots in spec.states:
+                entry = self._new_entry(state)
+                if entry is not None:
+                    entries.append(entry)
+                    states.append(StateCopy(_buffer(entry), slots))
+        self._saving = (meta, entries)
+        self.mover.begin_saves((chunks, states))
+
+    def _new_entry(self, chunk: Chunk) -> Entry | None:
+        shape = self.hybrid.payload_shape(chunk.num_tokens)
+        return self.engine.new_entry(chunk, PAYLOAD_DTYPE, shape, fallback=self._on_cpu)
 
     def _drop_saves(self) -> None:
         if self._saving is not None:
@@ -333,8 +441,8 @@ def _buffer(entry: Entry):
     return handle if isinstance(handle, torch.Tensor) else entry.payload
 
 
-def _block_range(chunk: Chunk, layout: KVLayout) -> range:
-    return range(chunk.start // layout.block_size, math.ceil(chunk.end / layout.block_size))
+def _block_range(chunk: Chunk, block_size: int) -> range:
+    return range(chunk.start // block_size, math.ceil(chunk.end / block_size))
 
 
 def _layer_indices(kv_caches: dict[str, torch.Tensor], layout: KVLayout) -> dict[str, int]:

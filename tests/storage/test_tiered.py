@@ -128,6 +128,22 @@ def test_put_is_in_memory_at_once_and_on_disk_after_flush(tiers):
     assert memory.allocate(10 * NBYTES) is not None  # unpinned once written
 
 
+def test_a_reader_only_store_keeps_saves_in_memory_and_reads_lower_tiers(tmp_path):
+    # As a TP rank > 0 of an MLA model: rank 0 writes the shared latent to disk.
+    memory = MemoryStore(10 * NBYTES)
+    disk = DiskStore(tmp_path / "disk", 10**6, buffers=memory)
+    reader = TieredStore(memory, [disk], queue_bytes=10**6, threads=1, write_lower=False)
+    try:
+        reader.put([entry(1)])
+        assert reader.flush(10)
+        assert memory.contains([key(1)]) == [True] and disk.contains([key(1)]) == [False]
+        assert memory.allocate(10 * NBYTES) is not None  # nothing stays pinned for a write
+        disk.put([entry(2)])
+        assert reader.get([key(2)])[0] is not None
+    finally:
+        reader.close()
+
+
 def test_queued_saves_are_pinned_until_written(tmp_path):
     memory = MemoryStore(4 * NBYTES)
     slow = SlowStore(DiskStore(tmp_path, 10**6))

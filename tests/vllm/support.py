@@ -83,10 +83,10 @@ class Client:
         self.server.restart()
         self._seen = 0
 
-    def chat(self, messages: list[dict], max_tokens: int = 3) -> Reply:
+    def chat(self, messages: list[dict], max_tokens: int = 3, **extra: Any) -> Reply:
         body = chat_request(
             MODEL_NAME, messages, max_tokens=max_tokens, logprobs=True, top_logprobs=5,
-            ignore_eos=True,
+            ignore_eos=True, **extra,
         )
         response = httpx.post(f"{self.server.url}/v1/chat/completions", json=body, timeout=300)
         hit, media = self._logged()

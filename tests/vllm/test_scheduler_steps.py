@@ -1,0 +1,181 @@
+"""The connector's scheduler side step by step, in process: vLLM's own request and
+scheduler-output objects, a real engine behind an in-process lookup, and a stand-in
+worker that stores what each step's saves ask for. Seconds, not server starts."""
+
+from __future__ import annotations
+
+import itertools
+from types import SimpleNamespace
+
+import pytest
+import torch
+from vllm import SamplingParams
+from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
+from vllm.v1.kv_cache_interface import (
+    CrossAttentionSpec,
+    FullAttentionSpec,
+    KVCacheConfig,
+    KVCacheGroupSpec,
+    MambaSpec,
+    SlidingWindowSpec,
+)
+from vllm.v1.request import Request
+
+from kvshelf.codec import FORMAT_VERSION
+from kvshelf.config import load_config
+from kvshelf.engine import CacheEngine
+from kvshelf.keys import Namespace, state_chunk
+from kvshelf.lookup import LookupServer, WorkerLookup, socket_path
+from kvshelf.vllm.groups import describe_groups
+from kvshelf.vllm.scheduler import KVShelfMetadata, SchedulerSide
+
+CHUNK = 32
+BLOCK = 16
+STEP = 32  # --max-num-batched-tokens
+ATTN = dict(block_size=BLOCK, num_kv_heads=1, head_size=4, dtype=torch.float32)
+_ids = itertools.count()
+
+
+def vllm_config(engine_id: str) -> SimpleNamespace:
+    """The fields of VllmConfig the scheduler side reads."""
+    return SimpleNamespace(
+        cache_config=SimpleNamespace(block_size=BLOCK, enable_prefix_caching=False),
+        kv_transfer_config=SimpleNamespace(engine_id=engine_id),
+        parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1),
+        scheduler_config=SimpleNamespace(max_num_batched_tokens=STEP),
+        model_config=SimpleNamespace(multimodal_config=None),
+    )
+
+
+class Setup:
+    """A scheduler side and, behind its lookup socket address, a worker's engine."""
+
+    def __init__(self, tmp_path, *groups, needs_state: bool):
+        engine_id = f"steps-{next(_ids)}"
+        config = load_config({"chunk_size": CHUNK, "cpu_bytes": 10**7}, environ={})
+        self.groups = describe_groups(KVCacheConfig(
+            1000, [], [KVCacheGroupSpec(list(n), s) for n, s in groups]))
+        namespace = Namespace("m", "hybrid", 0, 1, CHUNK, FORMAT_VERSION)
+        self.engine = CacheEngine(config, namespace, lambda n: ("uint8", (max(n, 1),)))
+        self.lookup = WorkerLookup(self.engine, prefetch=True, needs_state=needs_state)
+        self.server = LookupServer(self.lookup, socket_path(engine_id, 0))
+        self.side = SchedulerSide(vllm_config(engine_id), config, "kv_both", self.groups)
+
+    def close(self):
+        self.server.close()
+        self.lookup.close()
+        self.engine.close()
+
+    def store(self, meta: KVShelfMetadata) -> None:
+        """The worker's part: every chunk and state a step's saves name is stored."""
+        for spec in meta.saves:
+            chunks = [*spec.chunks, *(state for state, _ in spec.states)]
+            for chunk in chunks:
+                entry = self.engine.new_entry(chunk, "uint8", (max(chunk.num_tokens, 1),))
+                self.engine.save([entry])
+
+    def run(self, request: Request, block_ids, steps: list[int]) -> list[KVShelfMetadata]:
+        """Schedule ``request`` for prefill steps of ``steps`` tokens, as vLLM would."""
+        external, _ = self.side.get_num_new_matched_tokens(request, 0)
+        self.side.update_state_after_alloc(request, None, external)
+        computed, metas = external, []
+        for i, tokens in enumerate(steps):
+            output = SchedulerOutput.make_empty()
+            output.num_scheduled_tokens = {request.request_id: tokens}
+            if i == 0:
+                request.num_computed_tokens = computed
+                output.scheduled_new_reqs = [NewRequestData.from_request(request, block_ids)]
+            else:
+                cached = CachedRequestData.make_empty()
+                cached.req_ids = [request.request_id]
+                cached.new_block_ids = [None]
+                cached.num_computed_tokens = [computed]
+                output.scheduled_cached_reqs = cached
+            meta = self.side.build_connector_meta(output)
+            self.store(meta)
+            metas.append(meta)
+            computed += tokens
+        self.engine.flush(10)
+        return metas
+
+
+def request(tokens: list[int]) -> Request:
+    return Request(f"r{next(_ids)}", tokens, SamplingParams(max_tokens=1), None)
+
+
+@pytest.fixture
+def mamba_setup(tmp_path):
+    setup = Setup(
+        tmp_path,
+        (["attn"], FullAttentionSpec(**ATTN)),
+        (["mamba"], MambaSpec(block_size=BLOCK, shapes=((2, 4),), dtypes=(torch.float32,),
+                              mamba_cache_mode="none")),
+        needs_state=True,
+    )
+    yield setup
+    setup.close()
+
+
+def test_states_are_saved_where_steps_end_and_a_repeat_loads_the_last_one(mamba_setup):
+    tokens = list(range(100))
+    blocks = (list(range(1, 8)), [42])  # attention blocks; the one state block
+    metas = mamba_setup.run(request(tokens), blocks, [32, 32, 32, 4])
+    saved = [[(s.start, slots) for s, slots in spec.states] for m in metas for spec in m.saves]
+    # Every step ends on a chunk end or the prompt's end: a state there, from block 42.
+    assert saved == [[(32, [42])], [(64, [42])], [(96, [42])], [(100, [42])]]
+
+    # The same prompt again: the hit ends on the last state before its last token.
+    again = request(tokens)
+    metas = mamba_setup.run(again, (list(range(11, 18)), [77]), [4])
+    (load,) = metas[0].loads
+    assert (load.start, load.end) == (0, 96)
+    assert [c.end for c in load.chunks] == [32, 64, 96]
+    assert load.state == state_chunk(load.chunks[-1]) and load.state_slots == [77]
+    # Nothing the hit covers is saved again; the tail after it is (the lookup names the
+    # hit only, not what else exists).
+    (save,) = metas[0].saves
+    assert [c.end for c in save.chunks] == [100] and [s.end for s, _ in save.states] == [100]
+
+
+def test_a_step_ending_between_chunk_ends_keeps_no_state(mamba_setup):
+    tokens = list(range(200, 300))
+    metas = mamba_setup.run(request(tokens), (list(range(1, 8)), [5]), [40, 60])
+    states = [s.start for m in metas for spec in m.saves for s, _ in spec.states]
+    assert states == [100]  # 40 is no chunk end or cut; 100 is the prompt's end
+    # The prompt again: a state only after its last token, which vLLM must compute: no hit.
+    assert mamba_setup.run(request(tokens), (list(range(11, 18)), [6]), [100])[0].loads == []
+
+
+def test_sliding_window_groups_keep_their_own_block_ids(tmp_path):
+    setup = Setup(
+        tmp_path,
+        (["sw"], SlidingWindowSpec(**ATTN, sliding_window=16)),
+        (["full"], FullAttentionSpec(**ATTN)),
+        needs_state=False,
+    )
+    try:
+        tokens = list(range(64))
+        metas = setup.run(request(tokens), ([1, 2, 3, 4], [5, 6, 7, 8]), [64])
+        assert metas[0].saves[0].block_ids == ([1, 2, 3, 4], [5, 6, 7, 8])
+        again = setup.run(request(tokens), ([0, 0, 9, 10], [11, 12, 13, 14]), [1])
+        (load,) = again[0].loads
+        assert load.block_ids == ([0, 0, 9, 10], [11, 12, 13, 14]) and load.end == 63
+        assert load.state is None
+    finally:
+        setup.close()
+
+
+def test_a_model_kvshelf_cannot_cache_is_served_uncached(tmp_path):
+    setup = Setup(
+        tmp_path,
+        (["self"], FullAttentionSpec(**ATTN)),
+        (["cross"], CrossAttentionSpec(**ATTN)),
+        needs_state=False,
+    )
+    try:
+        assert setup.groups.unsupported
+        metas = setup.run(request(list(range(64))), ([1, 2, 3, 4], [5]), [64])
+        assert metas[0].saves == [] and metas[0].loads == []
+        assert setup.run(request(list(range(64))), ([6, 7, 8, 9], [10]), [64])[0].loads == []
+    finally:
+        setup.close()
