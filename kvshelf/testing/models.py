@@ -66,6 +66,7 @@ FAMILY_MODALITIES: dict[str, tuple[str, ...]] = {
     "gemma3": (),
     "granite_hybrid": (),
     "qwen3_5": (),
+    "gemma3_mm": ("image",),  # Gemma 3 with its SigLIP vision tower
 }
 FAMILIES: tuple[str, ...] = tuple(FAMILY_MODALITIES)
 
@@ -77,6 +78,7 @@ FAMILY_REQUEST_TYPES: dict[str, tuple[str, ...]] = {
     "gemma3": ("text-only",),
     "granite_hybrid": ("text-only",),
     "qwen3_5": ("text-only",),
+    "gemma3_mm": ("text-only", "single-image", "multi-image"),
 }
 
 # Ovis2.5 profiles with 1792x1792 dummy images (3,136 tokens each) and as many video frames as
@@ -95,6 +97,7 @@ _SERVE_ARGS: dict[str, tuple[str, ...]] = {
     "gemma3": (),
     "granite_hybrid": (),
     "qwen3_5": (),
+    "gemma3_mm": (),
     "ovis2_5": (
         # The config class is a local Python file in the model dir (see ovis/).
         "--trust-remote-code",
@@ -557,6 +560,62 @@ def _write_gemma3(out: Path, preset: SizePreset, dtype: str) -> Shapes:
         sliding_window=_SLIDING_WINDOW), dtype)
 
 
+_GEMMA3_IMAGE_PX = 112  # 8x8 patches of 14 px, pooled to 4x4 = 16 tokens an image
+_GEMMA3_MM_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' or c['type'] == 'image_url' %}<start_of_image>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def _write_gemma3_mm(out: Path, preset: SizePreset, dtype: str) -> Shapes:
+    """Gemma 3 with its SigLIP tower (``Gemma3ForConditionalGeneration``): the text model
+    of ``gemma3``; each image becomes 16 soft tokens between <start_of_image> and
+    <end_of_image>."""
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessorPil,
+        Gemma3Processor,
+        Gemma3TextConfig,
+        SiglipVisionConfig,
+    )
+
+    names = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+             "image_token": "<image_soft_token>"}
+    tokenizer = build_tokenizer(
+        # vLLM merges the newlines around an image as Gemma's vocabulary does: runs of
+        # one to four newlines are single tokens there.
+        special_tokens=["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>",
+                        *names.values(), "\n", "\n\n", "\n\n\n", "\n\n\n\n"],
+        eos_token="<eos>", pad_token="<pad>", bos_token="<bos>",
+        chat_template=_GEMMA3_MM_TEMPLATE, named_tokens=names,
+    )
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in names.items()}
+    layers = _alternating(preset.num_layers, "sliding_attention", "full_attention")
+    text = Gemma3TextConfig(**_common_text(tokenizer, preset, dtype), head_dim=preset.head_dim,
+                            num_hidden_layers=len(layers), layer_types=layers,
+                            sliding_window=_SLIDING_WINDOW)
+    vision = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, image_size=_GEMMA3_IMAGE_PX, patch_size=14)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=16,
+                          boi_token_index=ids["boi_token"], eoi_token_index=ids["eoi_token"],
+                          image_token_index=ids["image_token"], dtype=dtype)
+    config.architectures = ["Gemma3ForConditionalGeneration"]
+    images = Gemma3ImageProcessorPil(size={"height": _GEMMA3_IMAGE_PX, "width": _GEMMA3_IMAGE_PX},
+                                  image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = Gemma3Processor(image_processor=images, tokenizer=tokenizer,
+                                chat_template=_GEMMA3_MM_TEMPLATE, image_seq_length=16)
+    config.save_pretrained(out)
+    processor.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    # Published checkpoints nest the tower as SigLIP's vision_model; transformers 5 does not.
+    return _meta_shapes(Gemma3ForConditionalGeneration, config, [
+        ("lm_head.", None), ("model.vision_tower.", "model.vision_tower.vision_model.")])
+
+
 def _write_granite_hybrid(out: Path, preset: SizePreset, dtype: str) -> Shapes:
     """Granite 4.0-H shape: Mamba2 layers with attention every 2nd layer, dense MLPs."""
     from transformers import GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM
@@ -646,4 +705,5 @@ _WRITERS: dict[str, Callable[[Path, SizePreset, str], Shapes]] = {
     "gemma3": _write_gemma3,
     "granite_hybrid": _write_granite_hybrid,
     "qwen3_5": _write_qwen3_5,
+    "gemma3_mm": _write_gemma3_mm,
 }

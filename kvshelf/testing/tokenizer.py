@@ -69,12 +69,14 @@ def build_tokenizer(
     first_special_id: int | None = None,
     chat_template: str | None = None,
     vocab_size: int = 1000,
+    named_tokens: dict[str, str] | None = None,
 ) -> PreTrainedTokenizerFast:
     """A transformers fast tokenizer whose special tokens are marked special.
 
     `special_tokens` must include every token named by `eos_token`/`pad_token`/`bos_token`/
     `unk_token`. With `first_special_id`, the special tokens get consecutive ids from it;
-    otherwise they get the lowest ids.
+    otherwise they get the lowest ids. `named_tokens` gives special tokens attribute names
+    that processors look up (Gemma 3's `boi_token`, `image_token`, ...).
     """
     specials = list(dict.fromkeys(special_tokens))
     named = [t for t in (eos_token, pad_token, bos_token, unk_token) if t is not None]
@@ -86,11 +88,13 @@ def build_tokenizer(
     else:
         backend = _pad_vocab_to(train_bpe(vocab_size), first_special_id)
         backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-    kwargs: dict[str, str] = {"eos_token": eos_token, "pad_token": pad_token}
+    kwargs: dict[str, object] = {"eos_token": eos_token, "pad_token": pad_token}
     if bos_token is not None:
         kwargs["bos_token"] = bos_token
     if unk_token is not None:
         kwargs["unk_token"] = unk_token
+    if named_tokens:
+        kwargs["extra_special_tokens"] = dict(named_tokens)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs)
     # Registering them as additional special tokens keeps them whole when decoding and lets
     # `skip_special_tokens` drop them.

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from kvshelf.testing import VllmServer, build_model, free_port, serve_args
+from kvshelf.testing import VllmServer, build_model, free_port, media_part, serve_args
 from tests.vllm.support import MODEL_NAME, Client, connector_args, settled_files
 
 pytestmark = pytest.mark.vllm
@@ -26,6 +26,7 @@ _HYBRIDS = {
     "gemma3": ("float32", ()),
     "granite_hybrid": ("float32", ("--no-enable-prefix-caching",)),
     "qwen3_5": ("bfloat16", ()),
+    "gemma3_mm": ("float32", ()),  # with an image before the question
 }
 _CHUNK = re.compile(r"chunk_size \d+ -> (\d+)")
 _KV_TOKENS = re.compile(r"KV cache size: ([\d,]+) tokens")
@@ -35,10 +36,12 @@ def _text(num_words: int, seed: int) -> str:
     return " ".join(_WORDS[(i * 7 + seed) % len(_WORDS)] for i in range(num_words))
 
 
-def _messages(question: str, num_words: int) -> list[dict]:
+def _messages(question: str, num_words: int, image=None) -> list[dict]:
+    """A long system prompt, then (an image and) the question."""
+    user = question if image is None else [media_part(image), {"type": "text", "text": question}]
     return [
         {"role": "system", "content": _text(num_words, seed=1)},
-        {"role": "user", "content": question},
+        {"role": "user", "content": user},
     ]
 
 
@@ -57,8 +60,10 @@ def _args(family: str, dtype: str, extra: tuple[str, ...], disk, batched: int | 
 
 @pytest.mark.parametrize("family", list(_HYBRIDS))
 def test_model_hits_after_restart(family, tmp_path, request):
-    # vLLM's Qwen3.5 module imports transformers' Qwen2-VL image processor: torchvision.
-    env = request.getfixturevalue("torchvision_env") if family.startswith("qwen3_5") else None
+    # vLLM's Qwen3.5 and Gemma 3 modules import image processors that need torchvision.
+    needs_torchvision = family in ("qwen3_5", "gemma3_mm")
+    env = request.getfixturevalue("torchvision_env") if needs_torchvision else None
+    image = request.getfixturevalue("media")["image_a"] if family == "gemma3_mm" else None
     dtype, extra = _HYBRIDS[family]
     model = _build(family, tmp_path / family, dtype, env)
     disk = tmp_path / "cache"
@@ -73,21 +78,21 @@ def test_model_hits_after_restart(family, tmp_path, request):
             server.args = _args(family, dtype, extra, disk, batched=chunk)
             client.restart()
         words = 3 * chunk + 100  # about a token each: a prompt of more than three chunks
-        cold = client.chat(_messages("what is in this picture", words))
+        cold = client.chat(_messages("what is in this picture", words, image))
         assert cold.status == 200, cold.error
         assert cold.hit_tokens == 0 and cold.prompt_tokens > 3 * chunk
         # The other question, computed cold (another cache_salt keys it apart).
-        other_cold = client.chat(_messages("describe the sound", words), cache_salt="cold")
+        other_cold = client.chat(_messages("describe the sound", words, image), cache_salt="cold")
         assert other_cold.status == 200 and other_cold.hit_tokens == 0
         settled_files(disk)
 
         client.restart()
-        warm = client.chat(_messages("what is in this picture", words))
+        warm = client.chat(_messages("what is in this picture", words, image))
         assert warm.hit_tokens >= warm.prompt_tokens - chunk, (warm.hit_tokens, chunk)
         assert warm.text == cold.text
         assert warm.same_answer(cold, tolerance=_tolerance(dtype))
         # A new question after the same long prefix: a partial hit, the cold answer.
-        other = client.chat(_messages("describe the sound", words))
+        other = client.chat(_messages("describe the sound", words, image))
         assert 0 < other.hit_tokens < other.prompt_tokens - 8, other.hit_tokens
         assert other.text == other_cold.text
         assert other.same_answer(other_cold, tolerance=_tolerance(dtype))
