@@ -108,6 +108,11 @@ _SERVE_ARGS: dict[str, tuple[str, ...]] = {
 
 WEIGHTS_FILE = "model.safetensors"
 _INIT_STD = 0.02
+# Families whose outputs must show what a layer's past holds: with std 0.02 each layer adds
+# so little to the residual stream that the last token's embedding decides the logits,
+# and a wrong recurrent state or window would go unseen. Larger weights make every
+# layer count (checked: a zeroed state then changes the first token's logprobs).
+_FAMILY_INIT_STD = {"gemma3": 0.1, "gemma3_mm": 0.1, "granite_hybrid": 0.1, "qwen3_5": 0.1}
 _INIT_SEED = 0
 
 
@@ -152,7 +157,8 @@ def build_model(family: str, out_dir: str | os.PathLike[str], size: str = "m", *
     try:
         checkpoint_shapes = _WRITERS[family](tmp, SIZES[size], dtype)
         if not dummy_weights:
-            _write_random_checkpoint(tmp / WEIGHTS_FILE, checkpoint_shapes)
+            std = _FAMILY_INIT_STD.get(family, _INIT_STD)
+            _write_random_checkpoint(tmp / WEIGHTS_FILE, checkpoint_shapes, std)
         _write_json(tmp / MARKER_NAME, params)
         _move_into_place(tmp, out, params)
     finally:
@@ -257,10 +263,10 @@ def _rename(name: str, renames: Renames) -> str | None:
     return name
 
 
-def _write_random_checkpoint(path: Path, shapes: Shapes) -> None:
+def _write_random_checkpoint(path: Path, shapes: Shapes, std: float = _INIT_STD) -> None:
     """Seeded random tensors, stored as bfloat16, in one safetensors file.
 
-    Matrices ~ N(0, 0.02); 1-D weights are norm scales (every matrix, embedding and conv here
+    Matrices ~ N(0, std); 1-D weights are norm scales (every matrix, embedding and conv here
     is >= 2-D) and start at 1; biases at 0. Names are drawn in sorted order, so the same torch
     gives the same bytes.
     """
@@ -272,7 +278,7 @@ def _write_random_checkpoint(path: Path, shapes: Shapes) -> None:
     for name in sorted(shapes):
         shape = shapes[name]
         if len(shape) > 1:
-            tensor = torch.empty(shape).normal_(0.0, _INIT_STD, generator=generator)
+            tensor = torch.empty(shape).normal_(0.0, std, generator=generator)
         elif name.endswith(".weight"):
             tensor = torch.ones(shape)
         else:
