@@ -514,13 +514,13 @@ def chatml_tokenizer():
 
 
 def _common_text(tokenizer, preset: SizePreset, dtype: str) -> dict[str, Any]:
-    return dict(
-        vocab_size=_pad_vocab_size(len(tokenizer)), hidden_size=preset.hidden_size,
-        intermediate_size=preset.intermediate_size, num_attention_heads=preset.num_heads,
-        num_key_value_heads=preset.num_kv_heads, max_position_embeddings=8192, dtype=dtype,
-        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    return {
+        "vocab_size": _pad_vocab_size(len(tokenizer)), "hidden_size": preset.hidden_size,
+        "intermediate_size": preset.intermediate_size, "num_attention_heads": preset.num_heads,
+        "num_key_value_heads": preset.num_kv_heads, "max_position_embeddings": 8192, "dtype": dtype,
+        "bos_token_id": tokenizer.eos_token_id, "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
 
 
 def _alternating(num_layers: int, local: str, other: str) -> list[str]:
@@ -546,9 +546,9 @@ def write_gemma3_text(out: Path, text: dict[str, Any], dtype: str, weights: bool
     num_layers = text.pop("num_hidden_layers")
     layers = ["full_attention" if (i + 1) % every == 0 else "sliding_attention"
               for i in range(num_layers)]
-    common = dict(vocab_size=_pad_vocab_size(len(tokenizer)), max_position_embeddings=40960,
-                  dtype=dtype, bos_token_id=tokenizer.eos_token_id,
-                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    common = {"vocab_size": _pad_vocab_size(len(tokenizer)), "max_position_embeddings": 40960,
+                  "dtype": dtype, "bos_token_id": tokenizer.eos_token_id,
+                  "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     config = Gemma3TextConfig(**common, **text, num_hidden_layers=num_layers, layer_types=layers,
                               tie_word_embeddings=True)
     config.architectures = ["Gemma3ForCausalLM"]
@@ -559,11 +559,11 @@ def write_gemma3_text(out: Path, text: dict[str, Any], dtype: str, weights: bool
 
 def _write_gemma3(out: Path, preset: SizePreset, dtype: str) -> Shapes:
     """Gemma 3 text: sliding-window layers with a global one every 2nd layer here."""
-    return write_gemma3_text(out, dict(
-        hidden_size=preset.hidden_size, intermediate_size=preset.intermediate_size,
-        num_attention_heads=preset.num_heads, num_key_value_heads=preset.num_kv_heads,
-        head_dim=preset.head_dim, num_hidden_layers=max(4, preset.num_layers),
-        sliding_window=_SLIDING_WINDOW), dtype)
+    return write_gemma3_text(out, {
+        "hidden_size": preset.hidden_size, "intermediate_size": preset.intermediate_size,
+        "num_attention_heads": preset.num_heads, "num_key_value_heads": preset.num_kv_heads,
+        "head_dim": preset.head_dim, "num_hidden_layers": max(4, preset.num_layers),
+        "sliding_window": _SLIDING_WINDOW}, dtype)
 
 
 _GEMMA3_IMAGE_PX = 112  # 8x8 patches of 14 px, pooled to 4x4 = 16 tokens an image

@@ -16,6 +16,7 @@ import math
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,7 +28,7 @@ from kvshelf.keys import Chunk, Namespace
 from kvshelf.lookup import LookupServer, WorkerLookup, socket_path
 from kvshelf.vllm.groups import CacheGroups, GroupKind
 from kvshelf.vllm.hybrid import PAYLOAD_DTYPE, ChunkCopy, HybridCache, HybridMover, StateCopy
-from kvshelf.vllm.layout import BlockCopier, LayoutError, discover_layout
+from kvshelf.vllm.layout import BlockCopier, KVLayout, LayoutError, discover_layout
 from kvshelf.vllm.metrics import series
 from kvshelf.vllm.movers import Completer, LoadItem, SaveItem, StepCopies, make_mover
 from kvshelf.vllm.scheduler import KVShelfMetadata, LoadSpec
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
 logger = logging.getLogger("kvshelf.worker")
+# (layout signature, num_tokens -> payload dtype and shape, bytes of the largest entry)
+_CacheFacts = tuple[str, Callable[[int], tuple[str, tuple[int, ...]]], int]
 
 
 class WorkerSide:
@@ -78,29 +81,14 @@ class WorkerSide:
         backend = _backend_name(self.vllm_config, kv_caches)
         if self.groups is not None and self.groups.unsupported:
             return  # the connector said so at start; serving goes on uncached
-        if self.groups is None or self.groups.uniform:
-            layout, raws = discover_layout(kv_caches, num_blocks, cache_config.block_size, backend)
-            self.copier = BlockCopier(layout, raws)
-            self.mover = make_mover(self.copier)
-            self._on_cpu = self.copier.device.type == "cpu"
-            self._layer_index = _layer_indices(kv_caches, layout)
-            signature = layout.signature()
-            payload_spec = lambda n: (layout.dtype, layout.payload_shape(n))  # noqa: E731
-            slot_bytes = self.copier.block_bytes * layout.num_blocks_for(self.config.chunk_size)
-        else:
-            try:
-                self.hybrid = HybridCache(self.groups, kv_caches, num_blocks, backend)
-            except LayoutError as exc:
-                logger.warning("kvshelf cannot copy this model's KV cache (%s); not caching", exc)
-                return
-            hybrid = self.hybrid
-            self.mover = HybridMover(hybrid)
-            self._on_cpu = hybrid.device.type == "cpu"
-            signature = hybrid.signature()
-            payload_spec = lambda n: (PAYLOAD_DTYPE, hybrid.payload_shape(n))  # noqa: E731
-            slot_bytes = max(hybrid.payload_shape(self.config.chunk_size)[0],
-                             hybrid.payload_shape(0)[0])
         self.block_size = cache_config.block_size
+        if self.groups is None or self.groups.uniform:
+            found = self._uniform_cache(kv_caches, num_blocks, backend)
+        else:
+            found = self._hybrid_cache(kv_caches, num_blocks, backend)
+        if found is None:
+            return
+        signature, payload_spec, slot_bytes = found
         # MLA's latent is the same on every tensor-parallel rank: one namespace for all of
         # them, and only the first rank writes to disk and Redis (stored once, not per rank).
         mla = self.groups is not None and self.groups.groups[0].kind is GroupKind.MLA
@@ -129,6 +117,37 @@ class WorkerSide:
             "rank %d/%d caching %s under namespace %s",
             self.rank, self.world, signature, self.engine.namespace_id.hex(),
         )
+
+    def _uniform_cache(self, kv_caches, num_blocks: int, backend: str) -> _CacheFacts:
+        """One layout for every layer: the copier and mover tuned for it."""
+        layout, raws = discover_layout(kv_caches, num_blocks, self.block_size, backend)
+        self.copier = BlockCopier(layout, raws)
+        self.mover = make_mover(self.copier)
+        self._on_cpu = self.copier.device.type == "cpu"
+        self._layer_index = _layer_indices(kv_caches, layout)
+
+        def payload_spec(num_tokens: int) -> tuple[str, tuple[int, ...]]:
+            return layout.dtype, layout.payload_shape(num_tokens)
+
+        chunk_bytes = self.copier.block_bytes * layout.num_blocks_for(self.config.chunk_size)
+        return layout.signature(), payload_spec, chunk_bytes
+
+    def _hybrid_cache(self, kv_caches, num_blocks: int, backend: str) -> _CacheFacts | None:
+        """Several groups: one layout each, byte payloads, recurrent states."""
+        try:
+            hybrid = HybridCache(self.groups, kv_caches, num_blocks, backend)
+        except LayoutError as exc:
+            logger.warning("kvshelf cannot copy this model's KV cache (%s); not caching", exc)
+            return None
+        self.hybrid = hybrid
+        self.mover = HybridMover(hybrid)
+        self._on_cpu = hybrid.device.type == "cpu"
+
+        def payload_spec(num_tokens: int) -> tuple[str, tuple[int, ...]]:
+            return PAYLOAD_DTYPE, hybrid.payload_shape(num_tokens)
+
+        slot_bytes = max(hybrid.payload_shape(self.config.chunk_size)[0], hybrid.payload_shape(0)[0])
+        return hybrid.signature(), payload_spec, slot_bytes
 
     def _host_memory(self, slot_bytes: int):
         if self._on_cpu or self.config.cpu_bytes == 0:

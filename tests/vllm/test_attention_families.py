@@ -18,7 +18,7 @@ from tests.vllm.support import MODEL_NAME, Client, connector_args, settled_files
 
 pytestmark = pytest.mark.vllm
 
-_WORDS = "the quick brown fox jumps over the lazy dog and the cat sat on the mat".split()
+_WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "and", "the", "cat", "sat", "on", "the", "mat"]
 # family -> (dtype, vLLM arguments). Granite's Mamba2 runs on the CPU backend only without
 # prefix caching (its "align" state mode fails in vLLM itself), where states exist at step
 # ends only: steps of one chunk keep one at every chunk boundary.

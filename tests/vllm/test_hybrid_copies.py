@@ -18,7 +18,7 @@ from kvshelf.vllm.hybrid import ChunkCopy, HybridCache, StateCopy
 
 NUM_BLOCKS = 12
 BLOCK = 4  # tokens per block
-ATTN = dict(block_size=BLOCK, num_kv_heads=2, head_size=8, dtype=torch.float32)
+ATTN = {"block_size": BLOCK, "num_kv_heads": 2, "head_size": 8, "dtype": torch.float32}
 
 
 def config(*groups) -> KVCacheConfig:

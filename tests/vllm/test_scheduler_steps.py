@@ -32,7 +32,7 @@ from kvshelf.vllm.scheduler import KVShelfMetadata, SchedulerSide
 CHUNK = 32
 BLOCK = 16
 STEP = 32  # --max-num-batched-tokens
-ATTN = dict(block_size=BLOCK, num_kv_heads=1, head_size=4, dtype=torch.float32)
+ATTN = {"block_size": BLOCK, "num_kv_heads": 1, "head_size": 4, "dtype": torch.float32}
 _ids = itertools.count()
 
 
