@@ -51,7 +51,7 @@ class KVShelfConnector(KVConnectorBase_V1, SupportsHMA):
         config = load_config(self._kv_transfer_config.kv_connector_extra_config)
         configure_logging(config.log_level)
         groups = describe_groups(kv_cache_config)
-        config = _fit_chunk_size(config, vllm_config.cache_config.block_size, role)
+        config = fit_chunk_size(config, vllm_config.cache_config.block_size, role)
         if groups.unsupported and role == KVConnectorRole.SCHEDULER:
             logger.warning(
                 "kvshelf cannot cache this model's KV cache yet (%s); serving goes on "
@@ -160,7 +160,7 @@ class KVShelfConnector(KVConnectorBase_V1, SupportsHMA):
         return meta
 
 
-def _fit_chunk_size(config: KVShelfConfig, block_size: int, role: KVConnectorRole) -> KVShelfConfig:
+def fit_chunk_size(config: KVShelfConfig, block_size: int, role: KVConnectorRole) -> KVShelfConfig:
     """A chunk must be whole blocks. Hybrid models get blocks of vLLM's choosing (page
     sizes matched to the recurrent state, e.g. 384 or 528 tokens), so the default chunk
     size follows them; a chunk_size the user set is an error to fix instead."""

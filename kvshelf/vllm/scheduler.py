@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
-from kvshelf.config import ConfigError, KVShelfConfig
+from kvshelf.config import KVShelfConfig
 from kvshelf.keys import (
     Chunk,
     ChunkKey,
@@ -93,17 +93,10 @@ class SchedulerSide:
         role: str | None,
         groups: CacheGroups | None = None,
     ):
-        self.config = config
+        self.config = config  # its chunk_size is whole blocks (see connector.fit_chunk_size)
         self.block_size = vllm_config.cache_config.block_size
-        self.groups = groups
         self.state_groups = groups.state_groups if groups is not None else ()
         self.max_step_tokens = vllm_config.scheduler_config.max_num_batched_tokens
-        if config.chunk_size % self.block_size:
-            better = max(1, round(config.chunk_size / self.block_size)) * self.block_size
-            raise ConfigError(
-                f"chunk_size {config.chunk_size} must be a multiple of vLLM's block size "
-                f"{self.block_size}; use {better} instead"
-            )
         cacheable = groups is None or groups.unsupported is None
         self.load_enabled = role != "kv_producer" and cacheable
         self.save_enabled = role != "kv_consumer" and cacheable
@@ -180,7 +173,7 @@ class SchedulerSide:
             self._emit(req_id, state, computed, scheduled[req_id], meta)
         return meta
 
-    def request_finished(self, request: Request, block_ids: object = None) -> tuple[bool, Any]:
+    def request_finished(self, request: Request) -> tuple[bool, Any]:
         if self._requests.pop(request.request_id, None) is not None:
             self._released.append(request.request_id)
         return False, None  # saves are copied out during the step: blocks can go now

@@ -150,7 +150,8 @@ class WorkerSide:
         return hybrid.signature(), payload_spec, slot_bytes
 
     def _host_memory(self, slot_bytes: int):
-        if self._on_cpu or self.config.cpu_bytes == 0:
+        device = self.hybrid.device if self.hybrid is not None else self.copier.device
+        if device.type != "cuda" or self.config.cpu_bytes == 0:
             return None  # plain heap memory
         from kvshelf.vllm.pinned import PinnedMemory
 

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from vllm import SamplingParams
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
 from vllm.v1.kv_cache_interface import (
     CrossAttentionSpec,
@@ -22,10 +23,11 @@ from vllm.v1.kv_cache_interface import (
 from vllm.v1.request import Request
 
 from kvshelf.codec import FORMAT_VERSION
-from kvshelf.config import load_config
+from kvshelf.config import ConfigError, load_config
 from kvshelf.engine import CacheEngine
 from kvshelf.keys import Namespace, state_chunk
 from kvshelf.lookup import LookupServer, WorkerLookup, socket_path
+from kvshelf.vllm.connector import fit_chunk_size
 from kvshelf.vllm.groups import describe_groups
 from kvshelf.vllm.scheduler import KVShelfMetadata, SchedulerSide
 
@@ -179,3 +181,11 @@ def test_a_model_kvshelf_cannot_cache_is_served_uncached(tmp_path):
         assert setup.run(request(list(range(64))), ([6, 7, 8, 9], [10]), [64])[0].loads == []
     finally:
         setup.close()
+
+
+def test_the_default_chunk_size_follows_a_hybrid_block_size_and_a_set_one_must_fit():
+    fitted = fit_chunk_size(load_config({}, environ={}), 384, KVConnectorRole.WORKER)
+    assert fitted.chunk_size == 384  # 256 by default: the nearest whole number of blocks
+    assert fit_chunk_size(load_config({}, environ={}), 16, KVConnectorRole.WORKER).chunk_size == 256
+    with pytest.raises(ConfigError, match="use 384 instead"):
+        fit_chunk_size(load_config({"chunk_size": 256}, environ={}), 384, KVConnectorRole.WORKER)
