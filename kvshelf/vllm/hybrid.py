@@ -10,7 +10,6 @@ null (a sliding window's past) are neither written nor read.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -71,15 +70,13 @@ class HybridCache:
         self.states = [
             _StateGroup(g, _state_rows(kv_caches, g, num_blocks)) for g in groups.state_groups
         ]
-        self.block_size = groups.groups[0].block_size
         self._state_bytes = sum(r.size(1) for s in self.states for r in s.rows)
         first = self.copiers[0] if self.copiers else None
         self.device = first.device if first else self.states[0].rows[0].device
 
     # -- shapes ------------------------------------------------------------------
     def group_bytes(self, copier: BlockCopier, num_tokens: int) -> int:
-        item = torch.empty((), dtype=copier.torch_dtype).element_size()
-        return math.prod(copier.layout.payload_shape(num_tokens)) * item
+        return copier.block_bytes * copier.layout.num_blocks_for(num_tokens)
 
     def payload_shape(self, num_tokens: int) -> tuple[int, ...]:
         """Bytes of a chunk entry of ``num_tokens`` tokens, or of a state entry (0)."""
