@@ -134,21 +134,19 @@ class CacheEngine:
         if not needs_state or not located:
             return located
         found = sum(1 for c in located if c.num_tokens == plan.chunk_size)
-        candidates = [list(plan.full[: i + 1]) for i in range(found)]
-        candidates += [
-            [*plan.full[: c.start // plan.chunk_size], c]
-            for c in plan.cuts
-            if c.start // plan.chunk_size <= found
-        ]
-        candidates = [c for c in candidates if c[-1].end < plan.num_tokens]
-        candidates.sort(key=lambda chunks: -chunks[-1].end)
-        # One existence query for every candidate's state and, for cuts, the cut itself.
-        asked = [state_chunk(c[-1]) for c in candidates] + [c[-1] for c in candidates]
-        where = self.store.locate([self.key(c) for c in asked])
-        num = len(candidates)
-        for i, chunks in enumerate(candidates):
-            if where[i] is not None and where[num + i] is not None:
-                return [*chunks, asked[i]]
+        ends = {c.end for c in plan.full[:found]}
+        ends |= {c.end for c in plan.cuts if c.start // plan.chunk_size <= found}
+        lasts = [plan.chunk_ending_at(end) for end in sorted(ends, reverse=True)]
+        lasts = [c for c in lasts if c.end < plan.num_tokens]
+        # One existence query: every candidate's state, and the cuts not located yet.
+        asked = [state_chunk(c) for c in lasts]
+        asked += [c for c in lasts if c.num_tokens != plan.chunk_size and c not in located]
+        where = dict(zip(asked, self.store.locate([self.key(c) for c in asked])))
+        for last in lasts:
+            state = state_chunk(last)
+            cut_found = last not in where or where[last] is not None  # else located already
+            if where[state] is not None and cut_found:
+                return [*plan.chunks_up_to(last.end), state]
         return []
 
     def fetch(self, chunks: Sequence[Chunk], owner: str) -> list[Chunk]:

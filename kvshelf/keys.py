@@ -130,7 +130,7 @@ class ChunkPlan:
         then the cut ending there (empty if ``end`` is no chunk end of the plan)."""
         chunks = list(self.full[: end // self.chunk_size])
         if end % self.chunk_size:
-            cut = next((c for c in self.cuts if c.end == end), None)
+            cut = self.chunk_ending_at(end)
             if cut is None:
                 return []
             chunks.append(cut)

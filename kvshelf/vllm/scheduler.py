@@ -51,7 +51,7 @@ class LoadSpec:
     start: int  # first token to write: block-aligned (vLLM's own hit ends on a block)
     end: int
     state: Chunk | None = None
-    state_slots: list[int] = field(default_factory=list)
+    state_slots: list[int | None] = field(default_factory=list)  # None: no block holds it
 
 
 @dataclass
@@ -256,8 +256,9 @@ class SchedulerSide:
         if self.state_groups and chunks:
             # The hit ends exactly where its state was stored (see CacheEngine.locate_hit).
             spec.state = state_chunk(chunks[-1])
-            slots = [g.state_slot(state.block_ids[g.index], computed) for g in self.state_groups]
-            spec.state_slots = [s if s is not None else -1 for s in slots]
+            spec.state_slots = [
+                g.state_slot(state.block_ids[g.index], computed) for g in self.state_groups
+            ]
         return spec
 
     def _states_to_save(

@@ -211,14 +211,18 @@ class WorkerSide:
             payload = self.copier.payload_view(_buffer(entry), chunk.num_tokens)
             first_in_chunk = first - chunk.start // self.block_size
             items.append(LoadItem(payload, first_in_chunk, spec.block_ids[0][first:last]))
-            loaded = min(chunk.end, spec.end) - max(chunk.start, spec.start)
-            self._loaded_tokens[origins.get(chunk.key, "")] += loaded
+            self._count_loaded(chunk, spec, origins)
         return items
 
     def _block_span(self, chunk: Chunk, spec: LoadSpec) -> tuple[int, int]:
         """The request's blocks ``[first, last)`` that ``chunk`` writes for ``spec``."""
         first = max(chunk.start, spec.start) // self.block_size
         return first, math.ceil(min(chunk.end, spec.end) / self.block_size)
+
+    def _count_loaded(self, chunk: Chunk, spec: LoadSpec, origins: dict[bytes, str]) -> None:
+        """Tokens of ``chunk`` that ``spec`` loads, by the tier they were read from."""
+        loaded = min(chunk.end, spec.end) - max(chunk.start, spec.start)
+        self._loaded_tokens[origins.get(chunk.key, "")] += loaded
 
     def _load_hybrid(self, meta: KVShelfMetadata) -> None:
         """Every group's blocks, and the recurrent state where the hit ends. A hybrid
@@ -232,7 +236,7 @@ class WorkerSide:
             wanted = spec.chunks + ([spec.state] if spec.state is not None else [])
             held = self._held(spec, wanted)
             origins = self.engine.origins(spec.req_id)
-            if any(c.key not in held for c in wanted) or min(spec.state_slots, default=0) < 0:
+            if any(c.key not in held for c in wanted) or None in spec.state_slots:
                 self._failed_blocks += math.ceil((spec.end - spec.start) / self.block_size)
                 logger.error("request %s: cannot load its cached prefix", spec.req_id)
                 continue
@@ -241,8 +245,7 @@ class WorkerSide:
                 ids = [spec.block_ids[g][first:last] for g in token_groups]
                 offset = first - chunk.start // self.block_size
                 chunks.append(ChunkCopy(_buffer(held[chunk.key]), chunk.num_tokens, offset, ids))
-                loaded = min(chunk.end, spec.end) - max(chunk.start, spec.start)
-                self._loaded_tokens[origins.get(chunk.key, "")] += loaded
+                self._count_loaded(chunk, spec, origins)
             if spec.state is not None:
                 states.append(StateCopy(_buffer(held[spec.state.key]), spec.state_slots))
         try:
