@@ -124,6 +124,7 @@ def _disk_stats(root: Path) -> TierStats:
 
 
 def _disk_clear(root: Path, prefixes: Sequence[str]) -> Cleared:
+    from kvshelf.engine import PACE_FILE
     from kvshelf.storage.disk import NAMESPACE_FILE
 
     _check_dir(root)
@@ -134,7 +135,7 @@ def _disk_clear(root: Path, prefixes: Sequence[str]) -> Cleared:
         for path, _ in _entry_files(dirs[name]):
             if _unlink(path):
                 entries += 1
-        files += _unlink(dirs[name] / NAMESPACE_FILE)
+        files += _unlink(dirs[name] / NAMESPACE_FILE) + _unlink(dirs[name] / PACE_FILE)
         for fan in _subdirs(dirs[name]):
             _rmdir(fan)  # only when empty: a temp file of a live writer keeps it
         _rmdir(dirs[name])

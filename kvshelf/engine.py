@@ -8,11 +8,15 @@ where to put new KV (:meth:`new_entry` + :meth:`save`).
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from kvshelf.codec import Entry, payload_bytes
 from kvshelf.config import KVShelfConfig
@@ -26,6 +30,7 @@ from kvshelf.keys import (
     state_chunk,
     store_key,
 )
+from kvshelf.pacing import ChunkCost, paying_prefix
 from kvshelf.storage.base import HeapMemory, HostMemory, Store, StoreStats
 from kvshelf.storage.disk import DiskStore
 from kvshelf.storage.memory import MemoryStore
@@ -34,6 +39,8 @@ from kvshelf.storage.tiered import SaveQueueStats, TieredStore
 logger = logging.getLogger(__name__)
 
 _FIRST_LOCATE_BATCH = 8  # full chunks asked about before the first absent one is known
+UNPAID_LOG_EVERY_S = 60.0
+PACE_FILE = "PACE.json"  # the model's prefill seconds per token, for the next start
 
 # num_tokens -> (dtype, shape) the payload of a chunk of that many tokens must have.
 PayloadSpec = Callable[[int], tuple[str, tuple[int, ...]]]
@@ -46,6 +53,7 @@ class EngineStats:
     verify_failures: int = 0  # entries whose check digest, size or shape was wrong
     saved_chunks: int = 0
     dropped_saves: int = 0  # no memory-tier buffer for a save that needs one
+    unpaid_tokens: int = 0  # found in a tier, left to recompute: reading was slower
 
 
 @dataclass
@@ -89,9 +97,15 @@ class CacheEngine:
         if remote is not None:
             lower.append(remote)
         self.store = TieredStore(
-            memory, lower, config.save_queue_bytes, config.save_threads, write_lower
+            memory, lower, config.save_queue_limit(), config.save_threads, write_lower
         )
         self.counters = EngineStats()
+        self._pace_file = (
+            config.disk_path / self.namespace_id.hex() / PACE_FILE if config.disk_path else None
+        )
+        self.seconds_per_token = _read_pace(self._pace_file)  # this model's prefill
+        self._bytes_per_token: float | None = None
+        self._unpaid_logged_at = -math.inf
         self._heap = HeapMemory()
         self._holds: dict[str, _Hold] = {}
         self._lock = threading.Lock()
@@ -169,26 +183,91 @@ class CacheEngine:
             hold.deadline = time.monotonic() + self.config.hold_timeout_s
         return [c for c, _ in good]
 
-    def fetch_plan(self, plan: ChunkPlan, owner: str, needs_state: bool = False) -> int:
+    def fetch_plan(
+        self,
+        plan: ChunkPlan,
+        owner: str,
+        needs_state: bool = False,
+        seconds_per_token: float | None = None,
+    ) -> int:
         """Hold (read, verify, pin) the longest loadable prefix of ``plan`` under
         ``owner``, replacing any earlier hold; returns its length in tokens. With
-        ``needs_state`` see :meth:`locate_hit`: a prefix that fails to read is no hit."""
+        ``needs_state`` see :meth:`locate_hit`: a prefix that fails to read is no hit.
+        With a prefill speed (``seconds_per_token``, else the last one known) only the
+        prefix that loads faster than it recomputes is read (:mod:`kvshelf.pacing`)."""
         self.release(owner)
         self._expire_holds()
+        if seconds_per_token is not None:
+            self.seconds_per_token = seconds_per_token
         wanted = self.locate_hit(plan, needs_state)
-        got = self.fetch(wanted, owner)
+        got, paced = self._fetch_paced(wanted, owner, needs_state)
         if needs_state:
             if len(got) < len(wanted):
                 self.release(owner)
                 return 0
             return got[-1].end if got else 0
-        if len(got) < len(wanted):
+        if len(got) < len(wanted) and not paced:
             # A full chunk or the longest cut failed: a shorter cut may still be readable.
             for cut in plan.cuts_from(len(got)):
                 if self.fetch([cut], owner):
                     got.append(cut)
                     break
         return got[-1].end if got else 0
+
+    def _fetch_paced(
+        self, chunks: Sequence[Chunk], owner: str, whole: bool
+    ) -> tuple[list[Chunk], bool]:
+        """:meth:`fetch` the prefix of ``chunks`` that pays, in steps where a tier's
+        speed is still unknown (without a prefill speed: all of them). Also says whether
+        it stopped short by choice (the rest would load slower than it recomputes)."""
+        spt = self.seconds_per_token
+        if spt is None or not self.store.lower:
+            return self.fetch(chunks, owner), False
+        got: list[Chunk] = []
+        todo = list(chunks)
+        while todo:
+            count = paying_prefix(self._costs(todo), spt, whole)
+            if count == 0:
+                self._note_unpaid(todo, spt)
+                return got, True
+            read = self.fetch(todo[:count], owner)
+            got += read
+            if len(read) < count:
+                break
+            todo = todo[count:]
+        return got, False
+
+    def _costs(self, chunks: Sequence[Chunk]) -> list[ChunkCost]:
+        tiers = self.store.tier_names([self.key(c) for c in chunks])
+        return [
+            ChunkCost(c.num_tokens, self._chunk_bytes(c), self.store.read_rate(t) if t else None)
+            for c, t in zip(chunks, tiers)
+        ]
+
+    def _chunk_bytes(self, chunk: Chunk) -> int:
+        if self.payload_spec is not None and chunk.num_tokens:
+            return payload_bytes(*self.payload_spec(chunk.num_tokens))
+        return int(chunk.num_tokens * (self._bytes_per_token or 0))
+
+    def _note_unpaid(self, chunks: Sequence[Chunk], spt: float) -> None:
+        """Count tokens left to recompute; say why, at most once a minute."""
+        tokens = sum(c.num_tokens for c in chunks)
+        now = time.monotonic()
+        with self._lock:
+            self.counters.unpaid_tokens += tokens
+            if now - self._unpaid_logged_at < UNPAID_LOG_EVERY_S:
+                return
+            self._unpaid_logged_at = now
+        costs = self._costs(chunks)
+        tiers = {t for t in self.store.tier_names([self.key(c) for c in chunks]) if t}
+        logger.info(
+            "recomputing %d cached tokens: reading them (%.0f MB from %s) would take "
+            "longer than recomputing them (~%.2f s); counted in unpaid_tokens",
+            tokens,
+            sum(c.nbytes for c in costs) / 1e6,
+            "/".join(sorted(tiers)),
+            tokens * spt,
+        )
 
     def held(self, owner: str) -> list[tuple[Chunk, Entry]]:
         """The chunks and entries held for ``owner`` (pinned until :meth:`release`)."""
@@ -217,6 +296,8 @@ class CacheEngine:
         from ordinary memory, or, without ``fallback``, none: the save is dropped and
         counted (a GPU copy into unpinned memory would stall the step)."""
         nbytes = payload_bytes(dtype, shape)
+        if chunk.num_tokens:
+            self._bytes_per_token = nbytes / chunk.num_tokens
         memory = self.store.memory
         block = memory.allocate(nbytes) if memory is not None else None
         if block is None and not fallback:
@@ -256,11 +337,12 @@ class CacheEngine:
         return self.store.flush(timeout_s)
 
     def close(self) -> None:
+        _write_pace(self._pace_file, self.seconds_per_token)
         with self._lock:
             owners = list(self._holds)
         for owner in owners:
             self.release(owner)
-        self.store.close()
+        self.store.close(self.config.flush_on_stop_s)
 
     # -- internals ---------------------------------------------------------------
     def _verified(self, entry: Entry, chunk: Chunk) -> bool:
@@ -295,3 +377,26 @@ class CacheEngine:
             )
             self.release(owner)
 
+
+
+def _read_pace(path: Path | None) -> float | None:
+    """The prefill speed the last run measured, if it left one."""
+    if path is None:
+        return None
+    try:
+        value = json.loads(path.read_text())["seconds_per_token"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) and value > 0 else None
+
+
+def _write_pace(path: Path | None, seconds_per_token: float | None) -> None:
+    if path is None or seconds_per_token is None:
+        return
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"seconds_per_token": seconds_per_token}))
+        os.replace(tmp, path)
+    except OSError as exc:
+        logger.debug("cannot keep the prefill speed in %s: %s", path, exc)

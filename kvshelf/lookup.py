@@ -62,8 +62,11 @@ class WorkerLookup:
         self._jobs: dict[str, _Job] = {}
         self._lock = threading.Lock()
 
-    def lookup(self, req_id: str, plan: ChunkPlan, wait_s: float) -> int:
-        """Hit length in tokens, or :data:`PENDING`. Idempotent per request."""
+    def lookup(
+        self, req_id: str, plan: ChunkPlan, wait_s: float, seconds_per_token: float | None = None
+    ) -> int:
+        """Hit length in tokens, or :data:`PENDING`. Idempotent per request. With the
+        model's prefill speed, only what loads faster than it recomputes is a hit."""
         if not self.prefetch:
             located = self.engine.locate_hit(plan, self.needs_state)
             return located[-1].end if located else 0
@@ -71,15 +74,15 @@ class WorkerLookup:
         with self._lock:
             job = self._jobs.get(req_id)
             if job is None or job.keys != keys:
-                job = _Job(keys, self._pool.submit(self._fetch, req_id, plan))
+                job = _Job(keys, self._pool.submit(self._fetch, req_id, plan, seconds_per_token))
                 self._jobs[req_id] = job
         try:
             return job.future.result(timeout=wait_s)
         except FutureTimeout:
             return PENDING
 
-    def _fetch(self, req_id: str, plan: ChunkPlan) -> int:
-        tokens = self.engine.fetch_plan(plan, req_id, self.needs_state)
+    def _fetch(self, req_id: str, plan: ChunkPlan, seconds_per_token: float | None) -> int:
+        tokens = self.engine.fetch_plan(plan, req_id, self.needs_state, seconds_per_token)
         with self._lock:
             job = self._jobs.get(req_id)
             orphan = job is None or job.released
@@ -142,7 +145,9 @@ class LookupServer:
         if request.get("op") != "lookup":
             return {"error": f"unknown op {request.get('op')!r}"}
         plan = _plan_from_wire(request)
-        return {"tokens": self.worker.lookup(request["req"], plan, request["wait"])}
+        spt = request.get("spt")
+        spt = float(spt) if isinstance(spt, (int, float)) and spt > 0 else None
+        return {"tokens": self.worker.lookup(request["req"], plan, request["wait"], spt)}
 
     def close(self) -> None:
         self._closed = True
@@ -165,11 +170,14 @@ class LookupClient:
         self._lock = threading.Lock()
         self._warned = False
 
-    def lookup(self, req_id: str, plan: ChunkPlan, wait_s: float) -> int:
+    def lookup(
+        self, req_id: str, plan: ChunkPlan, wait_s: float, seconds_per_token: float | None = None
+    ) -> int:
         local = _LOCAL.get(self.address)
         if local is not None:
-            return local.lookup(req_id, plan, wait_s)
-        reply = self._call({"op": "lookup", "req": req_id, "wait": wait_s, **_plan_to_wire(plan)})
+            return local.lookup(req_id, plan, wait_s, seconds_per_token)
+        request = {"op": "lookup", "req": req_id, "wait": wait_s, "spt": seconds_per_token}
+        reply = self._call({**request, **_plan_to_wire(plan)})
         return int(reply.get("tokens", 0)) if reply else 0
 
     def _call(self, request: dict) -> dict | None:

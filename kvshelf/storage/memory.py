@@ -3,6 +3,10 @@
 Buffers come from a :class:`~kvshelf.storage.base.HostMemory` (plain heap, or pinned
 memory when CUDA is present). Entries can be pinned: a pinned entry is never evicted
 nor freed, so a copy out of it (to the GPU, to disk, to Redis) is safe while pinned.
+
+An entry can also be *dirty*: saved here and not yet written to the lower tiers. Eviction
+takes clean entries first (least recently used first) and a dirty one only when nothing
+clean is left to evict; each dirty eviction is a write-back lost, and counted.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ class MemoryStore(Store):
         self._entries: OrderedDict[StoreKey, Entry] = OrderedDict()  # oldest first
         self._pins: Counter[StoreKey] = Counter()
         self._doomed: dict[StoreKey, list[Entry]] = {}  # deleted while pinned: freed on unpin
+        self._dirty: set[StoreKey] = set()  # not yet written to the lower tiers
+        self._lost_writes = 0  # dirty entries evicted before they were written
         self._used = 0
         self._lock = threading.Lock()
         self._counters = Counters(self.name, capacity_bytes)
@@ -106,6 +112,7 @@ class MemoryStore(Store):
                 if entry is None:
                     continue
                 removed += 1
+                self._dirty.discard(key)
                 if self._pins[key]:
                     self._doomed.setdefault(key, []).append(entry)
                 else:
@@ -153,6 +160,34 @@ class MemoryStore(Store):
         finally:
             self.unpin([e.key for e in entries if e is not None])
 
+    # -- write-back --------------------------------------------------------------
+    def mark_dirty(self, keys: Sequence[StoreKey]) -> None:
+        """The resident ones among ``keys`` still have to reach the lower tiers."""
+        with self._lock:
+            self._dirty.update(key for key in keys if key in self._entries)
+
+    def claim_dirty(self, keys: Sequence[StoreKey]) -> list[Entry | None]:
+        """Pin and return the entries still dirty (``None``: evicted or written already)
+        for a writer; neither a hit nor a use for the LRU. Give them back with
+        :meth:`written`."""
+        with self._lock:
+            out = [self._entries.get(key) if key in self._dirty else None for key in keys]
+            for entry in out:
+                if entry is not None:
+                    self._pins[entry.key] += 1
+        return out
+
+    def written(self, keys: Sequence[StoreKey]) -> None:
+        """Claimed entries are written (or given up): clean and unpinned."""
+        with self._lock:
+            self._dirty.difference_update(keys)
+        self.unpin(keys)
+
+    def lost_writes(self) -> int:
+        """Dirty entries evicted before they were written, since the start."""
+        with self._lock:
+            return self._lost_writes
+
     # -- internals (callers hold self._lock where noted) --------------------------------
     def _adopt(self, entry: Entry, pin: bool) -> Entry | None:
         """Insert ``entry`` if it owns one of our buffers, or find the key already
@@ -196,25 +231,36 @@ class MemoryStore(Store):
             return []
         victims = []
         freed = 0
-        for key, entry in self._entries.items():
+        for key in self._eviction_order():
             if self._used - freed + nbytes <= self.capacity_bytes:
                 break
-            if not self._pins[key]:
-                victims.append(key)
-                freed += self.host.charge(entry.nbytes)
+            victims.append(key)
+            freed += self.host.charge(self._entries[key].nbytes)
         if self._used - freed + nbytes > self.capacity_bytes:
             return None
-        self._counters.add(evictions=len(victims))
-        return [self._entries.pop(key).owner for key in victims]
+        return [self._evict(key) for key in victims]
 
     def _evict_one(self) -> bool:  # holds lock
-        """Evict the least recently used unpinned entry; False if there is none."""
-        key = next((k for k in self._entries if not self._pins[k]), None)
+        """Evict the next entry in eviction order; False if there is none."""
+        key = next(self._eviction_order(), None)
         if key is None:
             return False
-        self._release(self._entries.pop(key).owner)
-        self._counters.add(evictions=1)
+        self._release(self._evict(key))
         return True
+
+    def _eviction_order(self) -> Iterator[StoreKey]:  # holds lock
+        """Unpinned entries, clean ones first, each kind least recently used first."""
+        unpinned = [key for key in self._entries if not self._pins[key]]
+        yield from (key for key in unpinned if key not in self._dirty)
+        yield from (key for key in unpinned if key in self._dirty)
+
+    def _evict(self, key: StoreKey) -> object:  # holds lock
+        """Take one entry out; returns its buffer, still counted in ``_used``."""
+        if key in self._dirty:
+            self._dirty.discard(key)
+            self._lost_writes += 1
+        self._counters.add(evictions=1)
+        return self._entries.pop(key).owner
 
     def _release(self, block: object) -> None:  # holds lock
         if isinstance(block, HostBlock) and block.memory is self.host:

@@ -26,7 +26,10 @@ COUNTERS = {
     "kvshelf_read_bytes_total": "Bytes read from a tier.",
     "kvshelf_written_bytes_total": "Bytes written to a tier.",
     "kvshelf_saved_chunks_total": "Chunks copied out of vLLM's cache to be stored.",
-    "kvshelf_dropped_saves_total": "Chunks not stored in lower tiers: the save queue was full.",
+    "kvshelf_dropped_saves_total": "Chunks never stored in lower tiers: evicted from memory "
+    "before they were written, or no room to queue them.",
+    "kvshelf_unpaid_tokens_total": "Prompt tokens found in a tier and recomputed: reading them "
+    "would have taken longer.",
     "kvshelf_evictions_total": "Entries evicted to stay within a tier's budget.",
     "kvshelf_corrupt_entries_total": "Entries that failed their checksum and were removed.",
     "kvshelf_verification_failures_total": "Entries whose recorded origin did not match the prompt.",

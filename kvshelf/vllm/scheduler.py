@@ -9,6 +9,7 @@ save. Chunks found in the cache or already saved are never saved again.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,7 @@ from kvshelf.keys import (
     state_chunk,
 )
 from kvshelf.lookup import PENDING, LookupClient, socket_path
+from kvshelf.pacing import PrefillClock
 from kvshelf.vllm.groups import CacheGroups
 
 if TYPE_CHECKING:
@@ -111,6 +113,7 @@ class SchedulerSide:
         self._released: list[str] = []
         self._warned: set[str] = set()
         self._media_ids_are_hashes = _media_ids_are_hashes(vllm_config)
+        self._clock = PrefillClock(min_tokens=config.chunk_size)
         self._counts = dict.fromkeys(
             ("kvshelf_lookups_total", "kvshelf_lookup_tokens_total", "kvshelf_hit_tokens_total"), 0
         )
@@ -151,6 +154,9 @@ class SchedulerSide:
         meta = KVShelfMetadata(released=self._released)
         self._released = []
         scheduled = scheduler_output.num_scheduled_tokens
+        self._clock.step(
+            time.perf_counter(), scheduler_output.total_num_scheduled_tokens, frozenset(scheduled)
+        )
         for new in scheduler_output.scheduled_new_reqs:
             state = self._requests.get(new.req_id)
             if state is not None:
@@ -221,7 +227,8 @@ class SchedulerSide:
             return None
 
     def _lookup(self, req_id: str, plan: ChunkPlan) -> int | None:
-        hits = [client.lookup(req_id, plan, self.config.lookup_wait_s) for client in self._clients]
+        wait, spt = self.config.lookup_wait_s, self._clock.seconds_per_token
+        hits = [client.lookup(req_id, plan, wait, spt) for client in self._clients]
         if PENDING in hits:
             return None
         return min(hits)

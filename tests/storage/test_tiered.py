@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 
 import pytest
@@ -144,7 +145,7 @@ def test_a_reader_only_store_keeps_saves_in_memory_and_reads_lower_tiers(tmp_pat
         reader.close()
 
 
-def test_queued_saves_are_pinned_until_written(tmp_path):
+def test_saves_being_written_are_pinned(tmp_path):
     memory = MemoryStore(4 * NBYTES)
     slow = SlowStore(DiskStore(tmp_path, 10**6))
     store = TieredStore(memory, [slow], queue_bytes=10**6, threads=1)
@@ -158,13 +159,15 @@ def test_queued_saves_are_pinned_until_written(tmp_path):
     store.close()
 
 
-def test_full_save_queue_drops_saves_without_blocking(tmp_path):
+def test_a_stalled_writer_loses_only_what_memory_must_evict(tmp_path, caplog):
     memory = MemoryStore(6 * NBYTES)
     slow = SlowStore(DiskStore(tmp_path, 10**6))
-    store = TieredStore(memory, [slow], queue_bytes=3 * NBYTES, threads=1)
+    store = TieredStore(memory, [slow], queue_bytes=NBYTES, threads=1)
+    store.put([entry(0)])
+    assert slow.waiting.wait(10)
 
     def save_many() -> None:
-        for i in range(20):
+        for i in range(1, 20):
             store.put([entry(i)])
             assert memory.stats().used_bytes <= memory.capacity_bytes
 
@@ -172,14 +175,102 @@ def test_full_save_queue_drops_saves_without_blocking(tmp_path):
     saver.start()
     saver.join(30)
     assert not saver.is_alive(), "put blocked on a stalled lower tier"
+    # Entry 0 is in the writer's hands; of the rest, memory keeps the newest 5 waiting
+    # and had to evict 14 before they were written: only those are lost.
     queue = store.queue_stats()
-    assert queue.queued_bytes <= queue.capacity_bytes
-    assert queue.dropped_saves == 20 - 3 and queue.dropped_bytes == 17 * NBYTES
+    assert queue.dropped_saves == queue.evicted_unwritten == 14
+    assert queue.queued_bytes == 0  # everything waiting waits inside the memory tier
+    assert caplog.text.count("evicted from memory before reaching the slow tier") == 1
     slow.gate.set()
     assert store.flush(10)
-    assert slow.contains([key(i) for i in range(20)]) == [True] * 3 + [False] * 17
-    assert memory.stats().used_bytes <= memory.capacity_bytes
+    written = slow.contains([key(i) for i in range(20)])
+    assert written == [True] + [False] * 14 + [True] * 5
+    assert store.queue_stats().written_saves == 6
     assert memory.allocate(6 * NBYTES) is not None  # nothing left pinned
+    store.close()
+
+
+def test_eviction_takes_written_entries_before_unwritten_ones(tmp_path):
+    memory = MemoryStore(4 * NBYTES)
+    slow = SlowStore(DiskStore(tmp_path, 10**6))
+    store = TieredStore(memory, [slow], threads=1)
+    slow.gate.set()
+    store.put([entry(1), entry(2)])
+    assert store.flush(10)  # 1 and 2 are written: clean
+    slow.gate.clear()
+    slow.waiting.clear()
+    store.put([entry(3)])  # the writer takes 3 and stalls
+    assert slow.waiting.wait(10)
+    store.put([entry(4)])  # waits, dirty
+    store.put([entry(5)])  # memory is full: 1 goes (clean, oldest), not 4
+    assert memory.contains([key(i) for i in range(1, 6)]) == [False, True, True, True, True]
+    store.put([entry(6)])  # then 2; only a dirty entry is left to evict next
+    store.put([entry(7)])
+    assert memory.contains([key(4)]) == [False]
+    assert store.queue_stats().evicted_unwritten == 1
+    slow.gate.set()
+    assert store.flush(10)
+    assert slow.contains([key(i) for i in (3, 4, 5, 6, 7)]) == [True, False, True, True, True]
+    store.close()
+
+
+def test_without_memory_the_queue_bound_drops_saves(tmp_path, caplog):
+    slow = SlowStore(DiskStore(tmp_path, 10**6))
+    store = TieredStore(None, [slow], queue_bytes=3 * NBYTES, threads=1)
+    store.put([entry(0)])
+    assert slow.waiting.wait(10)
+    for i in range(1, 10):
+        store.put([entry(i)])
+    # Their own buffers, the one being written included, stay within the bound.
+    queue = store.queue_stats()
+    assert queue.dropped_saves == 7 and queue.dropped_bytes == 7 * NBYTES
+    assert queue.queued_bytes == 3 * NBYTES
+    assert "raise save_queue_bytes" in caplog.text
+    slow.gate.set()
+    assert store.flush(10)
+    assert slow.contains([key(i) for i in range(10)]) == [True] * 3 + [False] * 7
+    store.close()
+
+
+def test_close_writes_what_is_queued_and_says_so(tmp_path, caplog):
+    caplog.set_level("INFO")
+    store = TieredStore(MemoryStore(10 * NBYTES), [DiskStore(tmp_path, 10**6)], threads=1)
+    store.put([entry(1), entry(2)])
+    store.close(timeout_s=10)
+    assert DiskStore(tmp_path, 10**6).contains([key(1), key(2)]) == [True, True]
+    if "queued saves" in caplog.text:  # unless the writer was done before close began
+        assert "wrote 2 queued saves to the disk tier" in caplog.text
+        assert "abandoned 0" in caplog.text
+
+
+def test_close_waits_a_bounded_time_and_says_what_it_abandoned(tmp_path, caplog):
+    slow = SlowStore(DiskStore(tmp_path, 10**6))
+    store = TieredStore(MemoryStore(10 * NBYTES), [slow], threads=1)
+    store.put([entry(1)])
+    store.put([entry(2)])
+    assert slow.waiting.wait(10)
+    began = time.monotonic()
+    store.close(timeout_s=0.3)
+    assert time.monotonic() - began < 3
+    assert "wrote 0 queued saves to the slow tier" in caplog.text
+    assert "abandoned 2 (raise flush_on_stop_s" in caplog.text
+    slow.gate.set()
+
+
+def test_reads_measure_each_lower_tier(tmp_path):
+    big = 4 * 2**20
+    memory = MemoryStore(10 * big)
+    disk = DiskStore(tmp_path, 10**9, buffers=memory)
+    store = TieredStore(memory, [disk], threads=1)
+    assert store.read_rate("disk") is None and store.read_rate("memory") == float("inf")
+    disk.put([entry(1)])
+    store.get([key(1)])
+    assert store.read_rate("disk") is None  # a small read measures latency, not a rate
+    payload = memoryview(bytes(big))
+    disk.put([Entry(key(i), bytes(32), 1, "uint8", (big,), payload) for i in (2, 3)])
+    store.get([key(2), key(3)])
+    assert store.read_rate("disk") > 0
+    assert store.tier_names([key(1), key(4)]) == ["memory", None]
     store.close()
 
 

@@ -59,8 +59,10 @@ def test_hits_after_restart_are_exact_and_keyed_by_content(
         victim_files = settled_files(disk) - before_victim
         assert victim_files, "the cold request saved nothing to disk"
 
-        # Restart: vLLM's and kvshelf's memory are gone, the disk tier stays.
+        # Restart: vLLM's and kvshelf's memory are gone, the disk tier stays. The stop
+        # closed kvshelf (queued writes flushed) and kept the prefill speed it measured.
         client.restart()
+        assert list(disk.glob("*/PACE.json")), "kvshelf was not closed at shutdown"
 
         # 1. The same request hits from disk and answers exactly as when cold.
         warm = ask(client, [first])
