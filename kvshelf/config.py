@@ -71,8 +71,23 @@ class KVShelfConfig(BaseModel):
         le=512 * 2**20,
         description="split remote values into parts of this size",
     )
-    save_queue_bytes: ByteSize = Field(
-        2 * GB, gt=0, description="bytes of saves waiting for disk/remote; more are dropped"
+    remote_connections: int = Field(
+        4, ge=1, le=64, description="connections one remote load or save uses at once"
+    )
+    save_queue_bytes: ByteSize | None = Field(
+        None,
+        gt=0,
+        description="bytes of saves waiting for disk/remote outside the memory tier (saves "
+        "in memory wait there, bounded by cpu_bytes); more are dropped. Default: cpu_bytes, "
+        "or 2 GB without a memory tier",
+    )
+    flush_on_stop_s: float = Field(
+        10.0, ge=0, description="on shutdown, wait this long for queued disk/remote writes"
+    )
+    kv_storage_dtype: Literal["auto", "fp8_e4m3"] = Field(
+        "auto",
+        description="how entries hold the KV: auto = as vLLM's cache holds it (lossless); "
+        "fp8_e4m3 = float8 with a scale per token and head (half of bf16's bytes, lossy)",
     )
     save_threads: int = Field(2, ge=1, le=32)
     prefetch: bool = Field(
@@ -113,6 +128,12 @@ class KVShelfConfig(BaseModel):
             if name == "remote_url" and value:
                 value = redact_url(value)
             yield name, value
+
+    def save_queue_limit(self) -> int:
+        """``save_queue_bytes``, or its default."""
+        if self.save_queue_bytes is not None:
+            return int(self.save_queue_bytes)
+        return int(self.cpu_bytes) or 2 * GB
 
     def password(self) -> str | None:
         """The remote password: explicit setting, then the named env var, then none."""

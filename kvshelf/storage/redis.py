@@ -16,6 +16,13 @@ checksum); a bad entry is removed and counted as ``corrupt``.
 
 The timeout bounds connecting, each wait for a reply, and each part's send as a whole
 (Python's ``sendall``): keep ``part_bytes`` well under bandwidth x timeout.
+
+One call moves its parts over ``connections`` connections at once, from a thread pool
+the store's calls share: a load GETs each part straight into its entry's buffer
+(:func:`kvshelf.storage.redis_connect.get_into`), a save SETs them, and the thread that
+lands an entry's last part checks the entry, or computes its head, while the others
+move bytes; then a save sends the heads. Socket waits, the kernel's copies into place
+and checksums release the GIL, so the threads run in parallel.
 """
 
 from __future__ import annotations
@@ -23,8 +30,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import redis
@@ -47,6 +54,7 @@ from kvshelf.storage.base import (
     Store,
     StoreStats,
 )
+from kvshelf.storage.redis_connect import Halt, Link, get_into
 from kvshelf.storage.redis_layout import (
     MAX_PART_BYTES,
     NONCE_BYTES,
@@ -61,9 +69,10 @@ from kvshelf.storage.redis_layout import (
 
 logger = logging.getLogger(__name__)
 
-# Payload per round trip. redis-py buffers a pipeline's whole reply, and Redis counts its
-# output buffers against maxmemory: this bounds both.
+# Payload in flight per call, over all its connections. Redis counts its output buffers
+# against maxmemory, and redis-py buffers a pipeline's whole reply: this bounds both.
 PIPELINE_BYTES = 32 * 2**20
+CONNECTIONS = 4  # per call; see benchmarks/redis_tier.py
 PART_TTL_SLACK_S = 60
 BACKOFF_S = (0.5, 30.0)  # first and longest wait before retrying a server that is down
 
@@ -73,73 +82,43 @@ Client = redis.Redis | RedisCluster
 _UNREACHABLE = (rx.ConnectionError, rx.TimeoutError, rx.ClusterError, rx.RedisClusterException)
 
 
-# -- up/down -----------------------------------------------------------------------
-class _Link:
-    """Whether the server is worth asking: up, or down until a backoff deadline.
-
-    Thread-safe. While down, :meth:`ready` lets one caller through per deadline to probe.
-    """
-
-    def __init__(self, url: str, backoff_s: tuple[float, float]):
-        self.url = url
-        self._first_s, self._max_s = backoff_s
-        self._lock = threading.Lock()
-        self._down_since: float | None = None
-        self._retry_at = 0.0
-        self._wait_s = 0.0
-
-    def ready(self) -> bool:
-        with self._lock:
-            if self._down_since is None:
-                return True
-            now = time.monotonic()
-            if now < self._retry_at:
-                return False
-            self._retry_at = now + self._wait_s  # the others keep missing while we probe
-            return True
-
-    def failed(self, cause: str) -> None:
-        with self._lock:
-            now = time.monotonic()
-            went_down = self._down_since is None
-            if went_down:
-                self._down_since, self._wait_s = now, self._first_s
-            else:
-                self._wait_s = min(self._wait_s * 2, self._max_s)
-            self._retry_at = now + self._wait_s
-        if went_down:
-            logger.warning(
-                "remote tier: %s unreachable (%s); lookups miss and saves are "
-                "dropped until it is back",
-                self.url,
-                cause,
-            )
-
-    def succeeded(self) -> None:
-        with self._lock:
-            if self._down_since is None:
-                return
-            down_s, self._down_since = time.monotonic() - self._down_since, None
-        logger.info("remote tier: %s is back after %.1f s", self.url, down_s)
-
-
 @dataclass(slots=True)
 class _Read:
+    """One entry being loaded. Parts land from several threads; the one that counts the
+    last part down checks the entry (see :meth:`RedisStore._part_read`)."""
+
     key: StoreKey
     head: RemoteHead
     block: HostBlock
+    parts_left: int
     missing: bool = False  # a part was gone: evicted or expired by the server
     problem: str | None = None  # why the bytes are corrupt
-    failed: bool = False  # the server answered a part with an error
+    failed: bool = False  # a part did not come: server error, unreachable, call stopped
+    finished: bool = False
+    entry: Entry | None = None  # once finished: the checked entry, or None (a miss)
+
+
+@dataclass(slots=True)
+class _Save:
+    """One entry being stored. Parts go from several threads; the one that counts the
+    last part down makes the head (see :meth:`RedisStore._part_saved`)."""
+
+    entry: Entry
+    nonce: bytes
+    parts_left: int = 0
+    landed: bool = True  # no part failed so far
+    head: tuple | None = None  # SET NX of the head, made once every part landed
 
 
 class RedisStore(Store):
-    """Thread-safe: redis-py's pool gives each call its own connection.
+    """Thread-safe: redis-py's pool gives each round trip its own connection.
 
     ``connect`` builds the client on first use (see :func:`open_remote`); it must set
-    bounded timeouts and no retries, since a failure here is a miss, not a wait.
-    ``url`` is only for logs and ``repr`` and is redacted. Gauges (``used_bytes``,
-    ``entries``) stay 0: the server is shared and counting it would cost a round trip.
+    bounded timeouts and no retries, since a failure here is a miss, not a wait. One
+    ``get`` or ``put`` uses up to ``connections`` connections at once: its own thread
+    and helpers from a pool that all calls share (1: its own thread only). ``url`` is
+    only for logs and ``repr`` and is redacted. Gauges (``used_bytes``, ``entries``)
+    stay 0: the server is shared and counting it would cost a round trip.
     """
 
     name = "remote"
@@ -151,6 +130,7 @@ class RedisStore(Store):
         *,
         part_bytes: int = 32 * 2**20,
         ttl_s: int | None = None,
+        connections: int = CONNECTIONS,
         buffers: BufferSource | None = None,
         backoff_s: tuple[float, float] = BACKOFF_S,
         secrets: Sequence[str] = (),
@@ -160,22 +140,32 @@ class RedisStore(Store):
                 f"remote part size {part_bytes} out of range; use at most {MAX_PART_BYTES} "
                 "(Redis' proto-max-bulk-len), e.g. 32 MiB"
             )
+        if connections < 1:
+            raise ValueError(f"remote connections {connections}: use at least 1, e.g. 4")
         self.url = redact_url(url)
         self.part_bytes = part_bytes
         self.ttl_s = ttl_s
+        self.connections = connections
         self.buffers = buffers
         self._connect = connect
         self._client: Client | None = None
+        self._threads: ThreadPoolExecutor | None = None
+        # Each task of a call moves at most this much: the call's total stays PIPELINE_BYTES.
+        self._task_bytes = max(1, PIPELINE_BYTES // connections)
         self._secrets = tuple(s for s in secrets if s)
         self._heap = HeapMemory()
         self._lock = threading.Lock()
+        self._parts_lock = threading.Lock()  # parts left to count, of every call
         self._counters = Counters(self.name)
-        self._link = _Link(self.url, backoff_s)
+        self._link = Link(self.url, backoff_s)
         self._warned: set[str] = set()  # kinds of server error already logged
         self._refusing = False  # the server refused writes last time we tried
 
     def __repr__(self) -> str:
-        return f"RedisStore(url={self.url!r}, part_bytes={self.part_bytes}, ttl_s={self.ttl_s})"
+        return (
+            f"RedisStore(url={self.url!r}, part_bytes={self.part_bytes}, ttl_s={self.ttl_s}, "
+            f"connections={self.connections})"
+        )
 
     # -- Store -------------------------------------------------------------------
     def contains(self, keys: Sequence[StoreKey]) -> list[bool]:
@@ -230,6 +220,9 @@ class RedisStore(Store):
     def close(self) -> None:
         with self._lock:
             client, self._client = self._client, None
+            threads, self._threads = self._threads, None
+        if threads is not None:
+            threads.shutdown()  # the tasks in flight end within the timeout
         if client is not None:
             client.close()
 
@@ -250,35 +243,89 @@ class RedisStore(Store):
                 self._corrupt(key, exc)
                 bad.append((key, None))
                 continue
-            reads.append((i, _Read(key, head, self._buffer(head.header.payload_bytes))))
+            block = self._buffer(head.header.payload_bytes)
+            reads.append((i, _Read(key, head, block, parts_left=len(head.parts()))))
         self._remove(bad)
         return reads
 
     def _read_payloads(self, reads: list[tuple[int, _Read]], out: list[Entry | None]) -> None:
+        """Fetch every part straight into its entry's buffer, spread over the connections;
+        each entry is checked as soon as its last part is in."""
         jobs = [(read, *part) for _, read in reads for part in read.head.parts()]
-        reached = True
-        for batch in _batches(jobs, lambda job: job[3], PIPELINE_BYTES):
-            results = self._round_trip([("GET", job[1]) for job in batch])
-            if results is None:
-                reached = False
-                break
-            for (read, _, offset, nbytes), data in zip(batch, results):
-                if isinstance(data, Exception):
-                    read.failed = self._answer(data, "read") is None
-                else:
-                    _land(read, offset, nbytes, data)
+        halt = Halt()
+        tasks = [
+            (pool, batch, halt)
+            for pool, group in self._by_pool(jobs, halt)
+            for batch in _batches(group, lambda job: job[3], self._task_bytes)
+        ]
+        self._parallel(self._fetch, tasks)
         bad: list[tuple[StoreKey, RemoteHead | None]] = []
         for i, read in reads:
-            out[i] = self._finish(read) if reached else None
-            if out[i] is None:
+            if not read.finished:  # no parts, or parts never sent for
+                read.entry = self._finish(read)
+            out[i] = read.entry
+            if read.entry is None:
                 self._give_back(read.block)
-                if reached and (read.missing or read.problem):
+                if read.missing or read.problem:  # broken on the server, not just not read
                     bad.append((read.key, read.head))
         self._remove(bad)
 
-    def _finish(self, read: _Read) -> Entry | None:
-        if read.failed:
+    def _by_pool(self, jobs: list, halt: Halt) -> list[tuple[redis.ConnectionPool, list]]:
+        """The jobs grouped by the connection pool of the node holding their part."""
+        try:
+            client = self.client()
+            if not isinstance(client, RedisCluster):
+                return [(client.connection_pool, jobs)]
+            groups: dict[str, tuple[redis.ConnectionPool, list]] = {}
+            for job in jobs:
+                node = client.get_node_from_key(job[1])
+                pool = client.get_redis_connection(node).connection_pool
+                groups.setdefault(node.name, (pool, []))[1].append(job)
+            return list(groups.values())
+        except _UNREACHABLE as exc:  # e.g. a slot no node serves
+            self._unreachable(exc, halt)
+            for job in jobs:
+                job[0].failed = True
+            return []
+
+    def _fetch(self, task: tuple[redis.ConnectionPool, list, Halt]) -> None:
+        """One round trip of part GETs, each landing in its entry's buffer."""
+        pool, jobs, halt = task
+        answers = None if halt.stopped else self._get_into(pool, jobs, halt)
+        for n, (read, _, offset, nbytes) in enumerate(jobs):
+            if answers is None:
+                read.failed = True
+            elif isinstance(answers[n], Exception):  # e.g. MOVED while a failover settles
+                read.failed = self._answer(answers[n], "read") is None
+            else:
+                _land(read, offset, nbytes, answers[n])
+            self._part_read(read)
+
+    def _get_into(self, pool: redis.ConnectionPool, jobs: list, halt: Halt) -> list | None:
+        """:func:`get_into` on one of ``pool``'s connections; ``None`` where the node is
+        unreachable (counted)."""
+        try:
+            connection = pool.get_connection()
+            try:
+                views = [read.block.view[offset : offset + n] for read, _, offset, n in jobs]
+                answers = get_into(connection, [job[1] for job in jobs], views)
+            finally:
+                pool.release(connection)
+        except _UNREACHABLE as exc:
+            self._unreachable(exc, halt)
             return None
+        self._link.succeeded()
+        return answers
+
+    def _part_read(self, read: _Read) -> None:
+        with self._parts_lock:
+            read.parts_left -= 1
+            last = read.parts_left == 0
+        if last:  # checked here, while other threads still fetch: the sums overlap the I/O
+            read.entry = self._finish(read)
+
+    def _finish(self, read: _Read) -> Entry | None:
+        read.finished = True
         if read.missing:
             # The server evicted or expired part of it; the remnants go too.
             self._counters.add(evictions=1)
@@ -286,6 +333,8 @@ class RedisStore(Store):
         try:
             if read.problem:
                 raise CorruptEntry(read.problem)
+            if read.failed:
+                return None
             check_payload(read.head.header, read.block.view)
         except CorruptEntry as exc:
             read.problem = str(exc)
@@ -305,64 +354,79 @@ class RedisStore(Store):
 
     # -- writing -----------------------------------------------------------------
     def _write(self, entries: list[Entry]) -> int:
-        """Store entries known to be absent; returns how many are now present."""
-        stored = skipped = failed = 0
-        stop = False  # unreachable or full: send no more bytes this call
-        for batch in _batches(entries, lambda e: e.nbytes, PIPELINE_BYTES):
-            plans = [] if stop else [self._write_commands(entry) for entry in batch]
-            results = self._round_trip([cmd for plan in plans for cmd in plan]) if plans else None
-            if results is None:
-                failed += len(batch)
-                stop = True
+        """Store entries known to be absent; returns how many are now present. Parts
+        first, spread over the connections, then the heads of entries whose parts all
+        landed: a visible head has its parts."""
+        saves = [_Save(entry, os.urandom(NONCE_BYTES)) for entry in entries]
+        jobs = [(save, command) for save in saves for command in self._part_commands(save)]
+        halt = Halt()
+        tasks = [(batch, halt) for batch in _batches(jobs, _part_bytes, self._task_bytes)]
+        self._parallel(self._send_parts, tasks)
+        for save in saves:
+            if save.landed and save.head is None:  # an entry of no parts
+                save.head = self._head_command(save)
+        complete = [save for save in saves if save.head is not None]
+        answers = None
+        if complete and not halt.unreachable:
+            answers = self._round_trip([save.head for save in complete], halt)
+        stored = skipped = 0
+        leftovers = [save for save in saves if save.head is None]
+        for save, answer in zip(complete, answers or ()):
+            if answer is True:
+                stored += 1
+                self._counters.add(bytes_written=save.entry.nbytes)
                 continue
-            cleanup: list[tuple] = []
-            for entry, plan in zip(batch, plans):
-                answers, results = results[: len(plan)], results[len(plan) :]
-                if not any(isinstance(a, Exception) for a in answers) and answers[-1]:
-                    stored += 1
-                    self._counters.add(bytes_written=entry.nbytes)
-                    continue
-                # Remove our parts (and our head, if it got in before a part failed).
-                cleanup.append(("DEL", *(cmd[1] for cmd in plan[:-1])))
-                refusal = next((a for a in answers if isinstance(a, Exception)), None)
-                if refusal is None:  # another writer's head won: the entry is there
-                    skipped += 1
-                    continue
-                self._refused(refusal)
-                failed += 1
-                stop = True
-                if answers[-1] is True:
-                    cleanup.append(("DEL", plan[-1][1]))
-            if cleanup:
-                self._round_trip(cleanup)
+            leftovers.append(save)
+            if isinstance(answer, Exception):
+                self._refused(answer)
+            else:  # another writer's head won: the entry is there
+                skipped += 1
+        if leftovers and not halt.unreachable:  # remove our parts
+            self._round_trip([("DEL", *(span[0] for span in self._spans(s))) for s in leftovers])
         with self._lock:
             recovered = bool(stored) and self._refusing
             self._refusing = self._refusing and not stored
         if recovered:
             logger.info("remote tier: %s accepts writes again", self.url)
+        failed = len(saves) - stored - skipped
         self._counters.add(writes=stored, write_skips=skipped, write_failures=failed)
         return stored + skipped
 
-    def _write_commands(self, entry: Entry) -> list[tuple]:
-        """Parts first, then the head with NX: a visible head has its parts."""
-        nonce = os.urandom(NONCE_BYTES)
-        payload = entry.payload.cast("B") if entry.payload.format != "B" else entry.payload
-        part_ttl = () if self.ttl_s is None else ("EX", self.ttl_s + PART_TTL_SLACK_S)
-        head_ttl = () if self.ttl_s is None else ("EX", self.ttl_s)
-        commands: list[tuple] = [
-            ("SET", key, payload[offset : offset + nbytes], *part_ttl)
-            for key, offset, nbytes in part_spans(entry.key, nonce, entry.nbytes, self.part_bytes)
-        ]
-        commands.append(
-            (
-                "SET",
-                head_key(entry.key),
-                encode_head(entry, self.part_bytes, nonce),
-                "NX",
-                *head_ttl,
-            )
-        )
-        return commands
+    def _send_parts(self, task: tuple[list, Halt]) -> None:
+        """One round trip of part SETs."""
+        jobs, halt = task
+        results = None if halt.stopped else self._round_trip([job[1] for job in jobs], halt)
+        refusal = next((r for r in results or () if isinstance(r, Exception)), None)
+        if refusal is not None:  # full or read-only: send no more bytes this call
+            halt.stop()
+            self._refused(refusal)
+        for n, (save, _) in enumerate(jobs):
+            self._part_saved(save, results is not None and results[n] is True)
+
+    def _part_saved(self, save: _Save, landed: bool) -> None:
+        with self._parts_lock:
+            save.landed &= landed
+            save.parts_left -= 1
+            last = save.parts_left == 0 and save.landed
+        if last:  # its checksum runs here, while other threads still send
+            save.head = self._head_command(save)
+
+    def _part_commands(self, save: _Save) -> list[tuple]:
+        payload = save.entry.payload
+        payload = payload.cast("B") if payload.format != "B" else payload
+        ttl = () if self.ttl_s is None else ("EX", self.ttl_s + PART_TTL_SLACK_S)
+        spans = self._spans(save)
+        save.parts_left = len(spans)
+        return [("SET", key, payload[offset : offset + n], *ttl) for key, offset, n in spans]
+
+    def _head_command(self, save: _Save) -> tuple:
+        """The head's SET NX; it carries the payload checksum, computed here."""
+        ttl = () if self.ttl_s is None else ("EX", self.ttl_s)
+        head = encode_head(save.entry, self.part_bytes, save.nonce)
+        return ("SET", head_key(save.entry.key), head, "NX", *ttl)
+
+    def _spans(self, save: _Save) -> list[tuple[bytes, int, int]]:
+        return part_spans(save.entry.key, save.nonce, save.entry.nbytes, self.part_bytes)
 
     # -- removing ----------------------------------------------------------------
     def _remove(self, victims: Sequence[tuple[StoreKey, RemoteHead | None]]) -> int:
@@ -387,25 +451,49 @@ class RedisStore(Store):
             return []
 
     # -- failures ----------------------------------------------------------------
-    def _round_trip(self, commands: Sequence[tuple]) -> list | None:
-        """One pipelined round trip; ``None`` when the server is unreachable (counted).
-        A command the server rejected answers with its exception instance."""
+    def _round_trip(self, commands: Sequence[tuple], halt: Halt | None = None) -> list | None:
+        """One pipelined round trip; ``None`` when the server is unreachable (counted, and
+        ``halt`` stopped). A command the server rejected answers with its exception."""
         try:
             pipe = self.client().pipeline(transaction=False)
             for command in commands:
                 pipe.execute_command(*command)
             results = pipe.execute(raise_on_error=False)
         except _UNREACHABLE as exc:
-            self._unreachable(exc)
+            self._unreachable(exc, halt)
             return None
         except rx.ResponseError as exc:  # the pipeline as a whole was refused
             self._answer(exc, "pipeline")
             return None
         lost = next((r for r in results if isinstance(r, _UNREACHABLE)), None)
         if lost is not None:  # the cluster pipeline reports some per command
-            self._unreachable(lost)
+            self._unreachable(lost, halt)
             return None
         self._link.succeeded()
+        return results
+
+    def _parallel(self, task: Callable, tasks: Sequence) -> list:
+        """``task`` over ``tasks``, results in order, on this thread and up to
+        ``connections - 1`` helpers from the store's pool. This thread works through the
+        tasks too, so a call moves on even while other calls keep every helper busy."""
+        if len(tasks) <= 1 or self.connections == 1:
+            return [task(t) for t in tasks]
+        results: list = [None] * len(tasks)
+        todo = iter(range(len(tasks)))  # next() on it is atomic: a C iterator, under the GIL
+
+        def work() -> None:
+            for i in todo:
+                results[i] = task(tasks[i])
+
+        with self._lock:
+            if self._threads is None:
+                self._threads = ThreadPoolExecutor(self.connections - 1, "kvshelf-remote")
+            helpers = [
+                self._threads.submit(work) for _ in range(min(self.connections, len(tasks)) - 1)
+            ]
+        work()
+        for helper in helpers:
+            helper.result()
         return results
 
     def client(self) -> Client:
@@ -429,10 +517,11 @@ class RedisStore(Store):
             )
         return None
 
-    def _unreachable(self, exc: Exception) -> None:
+    def _unreachable(self, exc: Exception, halt: Halt | None = None) -> None:
         timeout = isinstance(exc, rx.TimeoutError)
         self._counters.add(errors=1, timeouts=int(timeout))
-        self._link.failed(self._scrub(exc))
+        if halt is None or halt.stop(unreachable=True):
+            self._link.failed(self._scrub(exc))
 
     def _refused(self, exc: Exception) -> None:
         self._counters.add(errors=1)
@@ -459,16 +548,16 @@ class RedisStore(Store):
         return text
 
 
-def _land(read: _Read, offset: int, nbytes: int, data: bytes | None) -> None:
-    """Copy one part into the entry's buffer, or note why it cannot be."""
-    if read.missing or read.problem or read.failed:
-        return
-    if data is None:
+def _land(read: _Read, offset: int, nbytes: int, found: int | None) -> None:
+    """Note a part that did not land whole: ``found`` is the value's length or ``None``."""
+    if found is None:
         read.missing = True
-    elif len(data) != nbytes:
-        read.problem = f"part at {offset} is {len(data)} bytes, expected {nbytes}"
-    else:
-        read.block.view[offset : offset + nbytes] = data
+    elif found != nbytes:
+        read.problem = f"part at {offset} is {found} bytes, expected {nbytes}"
+
+
+def _part_bytes(job: tuple[_Save, tuple]) -> int:
+    return job[1][2].nbytes  # ("SET", key, view, ...)
 
 
 def _batches(items: Sequence, size: Callable, limit: int) -> Iterator[list]:

@@ -1,20 +1,33 @@
-"""Opening the remote tier from ``remote_url``: standalone, TLS, unix socket or cluster."""
+"""Connections of the remote tier: opening it from ``remote_url`` (standalone, TLS, unix
+socket or cluster), whether the server is worth asking (:class:`Link`), and reading
+values straight into the buffers they belong in (:func:`get_into`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 import redis
+from redis import exceptions as rx
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
 from kvshelf.config import KVShelfConfig, redact_url
 from kvshelf.storage.base import BufferSource
-from kvshelf.storage.redis import Client, RedisStore
+
+if TYPE_CHECKING:  # the store imports this module for its reads
+    from kvshelf.storage.redis import Client, RedisStore
+
+logger = logging.getLogger("kvshelf.storage.redis")  # the tier's one logger
 
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+RECV_BYTES = 64 * 2**10  # one read of reply lines; values go straight to their buffer
 
 
 def open_remote(config: KVShelfConfig, buffers: BufferSource | None = None) -> RedisStore:
@@ -26,6 +39,8 @@ def open_remote(config: KVShelfConfig, buffers: BufferSource | None = None) -> R
     password from ``config.password()`` overrides the URL's. Raises ``ValueError`` for
     a URL or setting that cannot work.
     """
+    from kvshelf.storage.redis import RedisStore
+
     url = config.remote_url
     if not url:
         raise ValueError("remote_url is not set; e.g. remote_url: redis://cache:6379/0")
@@ -58,6 +73,7 @@ def open_remote(config: KVShelfConfig, buffers: BufferSource | None = None) -> R
         url,
         part_bytes=int(config.remote_part_bytes),
         ttl_s=config.remote_ttl_s,
+        connections=config.remote_connections,
         buffers=buffers,
         secrets=secrets,
     )
@@ -112,3 +128,171 @@ def _cluster_connector(url: str, password: str | None, options: dict) -> Callabl
 def _url_password(url: str) -> str | None:
     creds = url.partition("://")[2].rpartition("@")[0]
     return unquote(creds.partition(":")[2]) if ":" in creds else None
+
+
+# -- up/down -----------------------------------------------------------------------
+class Link:
+    """Whether the server is worth asking: up, or down until a backoff deadline.
+
+    Thread-safe. While down, :meth:`ready` lets one caller through per deadline to probe.
+    """
+
+    def __init__(self, url: str, backoff_s: tuple[float, float]):
+        self.url = url
+        self._first_s, self._max_s = backoff_s
+        self._lock = threading.Lock()
+        self._down_since: float | None = None
+        self._retry_at = 0.0
+        self._wait_s = 0.0
+
+    def ready(self) -> bool:
+        with self._lock:
+            if self._down_since is None:
+                return True
+            now = time.monotonic()
+            if now < self._retry_at:
+                return False
+            self._retry_at = now + self._wait_s  # the others keep missing while we probe
+            return True
+
+    def failed(self, cause: str) -> None:
+        with self._lock:
+            now = time.monotonic()
+            went_down = self._down_since is None
+            if went_down:
+                self._down_since, self._wait_s = now, self._first_s
+            else:
+                self._wait_s = min(self._wait_s * 2, self._max_s)
+            self._retry_at = now + self._wait_s
+        if went_down:
+            logger.warning(
+                "remote tier: %s unreachable (%s); lookups miss and saves are "
+                "dropped until it is back",
+                self.url,
+                cause,
+            )
+
+    def succeeded(self) -> None:
+        with self._lock:
+            if self._down_since is None:
+                return
+            down_s, self._down_since = time.monotonic() - self._down_since, None
+        logger.info("remote tier: %s is back after %.1f s", self.url, down_s)
+
+
+class Halt:
+    """One call's stop sign, shared by its parallel tasks: once the server could not be
+    reached or refused a write, tasks not yet started send nothing. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.stopped = False
+        self.unreachable = False
+
+    def stop(self, unreachable: bool = False) -> bool:
+        """Stop the call; ``True`` for its first unreachable report, the one that the
+        link hears (several would each double the backoff)."""
+        with self._lock:
+            first = unreachable and not self.unreachable
+            self.stopped = True
+            self.unreachable |= unreachable
+            return first
+
+
+# -- reading values into place ------------------------------------------------------------
+ValueReply = int | None | rx.ResponseError
+
+
+def get_into(
+    connection: redis.Connection, keys: Sequence[bytes], views: Sequence[memoryview]
+) -> list[ValueReply]:
+    """``GET`` every key in one round trip on ``connection``, each value landing straight in
+    its view; per key, the value's length (its bytes are in the view only where that
+    equals the view's size), ``None`` (no such key), or the server's error.
+
+    redis-py builds a ``bytes`` per value and copies it several times holding the GIL,
+    which caps a load at about one core however many connections run; here the kernel
+    copies each value once, into place, with the GIL released. Raises redis-py's
+    ``ConnectionError`` or ``TimeoutError``, having closed the connection.
+    """
+    try:
+        connection.send_packed_command(
+            connection.pack_commands([("GET", key) for key in keys]), check_health=False
+        )
+        # redis-py has no call that reads a reply into a given buffer. A connection the
+        # pool hands out has nothing buffered, and this reads exactly its replies.
+        replies = _Replies(getattr(connection, "_sock", None))
+        answers = [replies.value_into(view) for view in views]
+        replies.check_drained()
+        return answers
+    except BaseException as exc:
+        connection.disconnect()  # a reply may be half read: never reuse the connection
+        if isinstance(exc, TimeoutError):  # socket.timeout
+            raise rx.TimeoutError("Timeout reading a value") from exc
+        if isinstance(exc, OSError):
+            raise rx.ConnectionError(f"Error reading a value: {exc}") from exc
+        raise
+
+
+class _Replies:
+    """RESP replies read off one socket: lines through a small buffer, values into place."""
+
+    def __init__(self, sock: socket.socket | None):
+        if sock is None:
+            raise rx.ConnectionError("not connected")
+        self._sock = sock
+        self._pending = bytearray()  # received, not yet consumed
+
+    def value_into(self, view: memoryview) -> ValueReply:
+        line = self._line()
+        kind, rest = line[:1], line[1:]
+        if kind == b"-":
+            return rx.ResponseError(rest.decode(errors="replace"))
+        if kind == b"_":  # RESP3 null
+            return None
+        if kind != b"$" or not rest.lstrip(b"-").isdigit():
+            raise rx.ConnectionError(f"unexpected reply {line[:32]!r} to GET")
+        length = int(rest)
+        if length < 0:
+            return None
+        self._take(view if length == view.nbytes else None, length)
+        if self._line():
+            raise rx.ConnectionError("value not followed by CRLF")
+        return length
+
+    def check_drained(self) -> None:
+        if self._pending:
+            raise rx.ConnectionError(f"{len(self._pending)} bytes past the last reply")
+
+    def _line(self) -> bytes:
+        while (end := self._pending.find(b"\r\n")) < 0:
+            self._recv()
+        line = bytes(self._pending[:end])
+        del self._pending[: end + 2]
+        return line
+
+    def _take(self, target: memoryview | None, nbytes: int) -> None:
+        """Consume ``nbytes`` into ``target``, or discard them where it is ``None``."""
+        held = min(nbytes, len(self._pending))
+        if target is not None:
+            with memoryview(self._pending) as pending:
+                target[:held] = pending[:held]
+        del self._pending[:held]
+        if target is None:
+            left = nbytes - held
+            while left:  # never past this value: what follows is another reply
+                left -= len(self._received(self._sock.recv(min(left, RECV_BYTES))))
+            return
+        rest = target[held:]
+        while rest.nbytes:
+            rest = rest[self._received(self._sock.recv_into(rest)) :]
+
+    def _recv(self) -> None:
+        self._pending += self._received(self._sock.recv(RECV_BYTES))
+
+    @staticmethod
+    def _received(got):
+        """``got`` (bytes or a count) unless it says the server closed the connection."""
+        if not got:
+            raise rx.ConnectionError("connection closed by server")
+        return got

@@ -19,6 +19,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+import kvshelf.storage.redis
 from kvshelf.codec import Entry
 from kvshelf.config import KVShelfConfig
 from kvshelf.keys import StoreKey
@@ -141,20 +142,63 @@ def test_ttl_is_set_on_every_key(redis_url, client):
     assert all(client.ttl(k) == -1 for k in remote_keys(client))
 
 
+def record_round_trips(monkeypatch) -> list[tuple[str, str]]:
+    """(kind, thread name) of every round trip: pipelines and values read into place."""
+    trips: list[tuple[str, str]] = []
+    execute, get_into = redis.client.Pipeline.execute, kvshelf.storage.redis.get_into
+
+    def pipeline(self, **kwargs):
+        trips.append(("pipeline", threading.current_thread().name))
+        return execute(self, **kwargs)
+
+    def values(*args):
+        trips.append(("get_into", threading.current_thread().name))
+        return get_into(*args)
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", pipeline)
+    monkeypatch.setattr(kvshelf.storage.redis, "get_into", values)
+    return trips
+
+
 def test_batches_round_trips(store, monkeypatch):
-    executed = []
-    real = redis.client.Pipeline.execute
-    monkeypatch.setattr(
-        redis.client.Pipeline, "execute", lambda self, **kw: executed.append(1) or real(self, **kw)
-    )
+    trips = record_round_trips(monkeypatch)
     entries = [make_entry(1000, seed=i) for i in range(20)]
 
-    store.put(entries)  # an EXISTS round trip, then one for all parts and heads
-    assert len(executed) == 2
+    store.put(entries)  # EXISTS, then all parts, then all heads
+    assert [kind for kind, _ in trips] == ["pipeline"] * 3
     store.contains([e.key for e in entries])
-    assert len(executed) == 3
+    assert len(trips) == 4
     store.get([e.key for e in entries])  # heads, then parts
-    assert len(executed) == 5
+    assert [kind for kind, _ in trips[4:]] == ["pipeline", "get_into"]
+    # Small calls stay in the calling thread.
+    assert {name for _, name in trips} == {threading.current_thread().name}
+
+
+def test_large_calls_spread_over_connections(redis_url, client, monkeypatch):
+    trips = record_round_trips(monkeypatch)
+    store = open_store(redis_url, remote_connections=4)
+    # 36 MiB in 1 MiB parts: several 8 MiB tasks (32 MiB in flight / 4 connections).
+    entries = [make_entry(6 * MiB + i, seed=i) for i in range(6)]
+
+    assert store.put(entries) == 6
+    got = store.get([e.key for e in entries])
+    assert [g.payload.tobytes() for g in got] == [e.payload.tobytes() for e in entries]
+    # Parts went out and came back on the store's threads, over several connections.
+    for kind in ("pipeline", "get_into"):
+        names = {name for k, name in trips if k == kind and name.startswith("kvshelf-remote")}
+        assert len(names) > 1, trips
+    assert sum(c.get("name") == "kvshelf" for c in client.client_list()) > 1
+    store.close()
+
+
+def test_one_connection_keeps_to_the_calling_thread(redis_url, monkeypatch):
+    trips = record_round_trips(monkeypatch)
+    store = open_store(redis_url, remote_connections=1)
+    entries = [make_entry(6 * MiB + i, seed=i) for i in range(4)]
+    assert store.put(entries) == 4
+    assert all(g is not None for g in store.get([e.key for e in entries]))
+    assert {name for _, name in trips} == {threading.current_thread().name}
+    store.close()
 
 
 def test_delete_removes_head_and_parts(store, client):
@@ -203,6 +247,21 @@ def test_corrupt_head_is_removed_with_its_parts(store, client):
     assert store.get([entry.key]) == [None]
     assert store.stats().corrupt == 1
     assert remote_keys(client) == []  # the parts were found by SCAN
+
+
+def test_short_part_is_corrupt_and_the_others_still_read(store, client):
+    """A value of the wrong length is skipped on the wire: the next replies stay aligned."""
+    entries = [make_entry(3 * MiB, seed=s) for s in (7, 8, 9)]
+    store.put(entries)
+    middle = entries[1].key.hex()[32:]
+    victim = next(k for k in part_keys(client) if middle.encode() in k)
+    client.set(victim, client.get(victim)[:-100])
+
+    got = store.get([e.key for e in entries])
+    assert got[1] is None and store.stats().corrupt == 1
+    for entry, read in zip(entries[::2], got[::2]):
+        assert read.payload.tobytes() == entry.payload.tobytes()
+    assert store.contains([e.key for e in entries]) == [True, False, True]
 
 
 def test_missing_part_is_a_miss_and_remnants_go(store, client):
@@ -370,6 +429,41 @@ def test_server_killed_then_back(caplog):
         assert store.get([entry.key])[0] is not None
         backs = [r for r in caplog.records if "is back after" in r.getMessage()]
         assert len(backs) == 1 and backs[0].levelno == logging.INFO
+        store.close()
+
+
+@needs_server
+def test_server_dying_mid_load_is_one_failure(monkeypatch, caplog):
+    """Regression: parallel tasks that all lose the server each told the link, and each
+    report doubled the backoff. Now the call reports once: the first retry comes after
+    the first backoff step (0.5 s)."""
+    with RedisServer() as server:
+        store = open_store(server.url, remote_timeout_s=0.5, remote_connections=4)
+        entries = [make_entry(6 * MiB + i, seed=i) for i in range(6)]
+        assert store.put(entries) == 6
+
+        # The server dies after the heads are read, while the parts are on their way.
+        lock, get_into = threading.Lock(), kvshelf.storage.redis.get_into
+
+        def dying(*args):
+            with lock:
+                if server.is_running():
+                    server.kill()
+            return get_into(*args)
+
+        monkeypatch.setattr(kvshelf.storage.redis, "get_into", dying)
+        assert store.get([e.key for e in entries]) == [None] * 6
+        downs = [r for r in caplog.records if "unreachable" in r.getMessage()]
+        assert len(downs) == 1
+        errors = store.stats().errors
+        assert errors >= 1
+
+        # Down: answered at once, no probe. After the first backoff step: one probe.
+        assert store.contains([entries[0].key]) == [False]
+        assert store.stats().errors == errors
+        time.sleep(0.75)
+        assert store.contains([entries[0].key]) == [False]
+        assert store.stats().errors == errors + 1
         store.close()
 
 
