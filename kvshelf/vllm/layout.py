@@ -219,6 +219,16 @@ class BlockCopier:
             rows = self.device.type == "cuda" and all(r.is_contiguous() for r in self.raws)
         self.row_tables = [r.view(-1, layout.row_elems) for r in self.raws] if rows else None
 
+    @property
+    def entry_dtype(self) -> str:
+        return self.layout.dtype
+
+    def entry_shape(self, num_tokens: int) -> tuple[int, ...]:
+        return self.layout.payload_shape(num_tokens)
+
+    def signature(self) -> str:
+        return self.layout.signature()
+
     def payload_view(self, buffer, num_tokens: int) -> torch.Tensor:
         """A tensor over an entry's payload buffer (no copy)."""
         flat = buffer if torch.is_tensor(buffer) else torch.frombuffer(buffer, dtype=torch.uint8)

@@ -26,6 +26,7 @@ from kvshelf.config import KVShelfConfig
 from kvshelf.engine import CacheEngine
 from kvshelf.keys import Chunk, Namespace
 from kvshelf.lookup import LookupServer, WorkerLookup, socket_path
+from kvshelf.vllm.fp8 import STORAGE_NAME, Fp8Copier, Fp8Mover, scale_group
 from kvshelf.vllm.groups import CacheGroups, GroupKind
 from kvshelf.vllm.hybrid import PAYLOAD_DTYPE, ChunkCopy, HybridCache, HybridMover, StateCopy
 from kvshelf.vllm.layout import BlockCopier, KVLayout, LayoutError, discover_layout
@@ -56,7 +57,7 @@ class WorkerSide:
         self.hybrid: HybridCache | None = None
         self.rank, self.world = _rank_and_world(vllm_config)
         self.engine: CacheEngine | None = None
-        self.copier: BlockCopier | None = None
+        self.copier: BlockCopier | Fp8Copier | None = None
         self._layer_index: dict[str, int] = {}
         self._server: LookupServer | None = None
         self._lookup: WorkerLookup | None = None
@@ -121,19 +122,41 @@ class WorkerSide:
     def _uniform_cache(self, kv_caches, num_blocks: int, backend: str) -> _CacheFacts:
         """One layout for every layer: the copier and mover tuned for it."""
         layout, raws = discover_layout(kv_caches, num_blocks, self.block_size, backend)
-        self.copier = BlockCopier(layout, raws)
-        self.mover = make_mover(self.copier)
+        fp8 = self._fp8_copier(kv_caches, layout, raws)
+        self.copier = fp8 or BlockCopier(layout, raws)
+        self.mover = Fp8Mover(fp8) if fp8 is not None else make_mover(self.copier)
         self._on_cpu = self.copier.device.type == "cpu"
         self._layer_index = _layer_indices(kv_caches, layout)
+        copier = self.copier
 
         def payload_spec(num_tokens: int) -> tuple[str, tuple[int, ...]]:
-            return layout.dtype, layout.payload_shape(num_tokens)
+            return copier.entry_dtype, copier.entry_shape(num_tokens)
 
         chunk_bytes = self.copier.block_bytes * layout.num_blocks_for(self.config.chunk_size)
-        return layout.signature(), payload_spec, chunk_bytes
+        return self.copier.signature(), payload_spec, chunk_bytes
+
+    def _fp8_copier(self, kv_caches, layout: KVLayout, raws) -> Fp8Copier | None:
+        """The fp8 copier when ``kv_storage_dtype`` asks for it and the cache is wider."""
+        if self.config.kv_storage_dtype != STORAGE_NAME:
+            return None
+        if layout.dtype.startswith("float8") or layout.dtype == "uint8":
+            logger.info("the KV cache is 8-bit already (%s): stored as it is", layout.dtype)
+            return None
+        first = next(iter(kv_caches.values()))
+        try:
+            return Fp8Copier(layout, raws, scale_group(first))
+        except LayoutError as exc:
+            logger.warning("cannot store this KV cache as fp8 (%s); storing it as it is", exc)
+            return None
 
     def _hybrid_cache(self, kv_caches, num_blocks: int, backend: str) -> _CacheFacts | None:
         """Several groups: one layout each, byte payloads, recurrent states."""
+        if self.config.kv_storage_dtype != "auto":
+            logger.warning(
+                "kv_storage_dtype %s applies to models with one KV cache group; this "
+                "hybrid model's entries are stored as its cache holds them",
+                self.config.kv_storage_dtype,
+            )
         try:
             hybrid = HybridCache(self.groups, kv_caches, num_blocks, backend)
         except LayoutError as exc:
@@ -349,15 +372,16 @@ class WorkerSide:
             return
         entries: list[Entry] = []
         items: list[SaveItem] = []
-        layout = self.copier.layout
         for spec in meta.saves:
             for chunk in spec.chunks:
                 blocks = _block_range(chunk, self.block_size)
                 if blocks.stop > len(spec.block_ids[0]):
                     logger.warning("request %s lost blocks before its save", spec.req_id)
                     break
-                shape = layout.payload_shape(chunk.num_tokens)
-                entry = self.engine.new_entry(chunk, layout.dtype, shape, fallback=self._on_cpu)
+                shape = self.copier.entry_shape(chunk.num_tokens)
+                entry = self.engine.new_entry(
+                    chunk, self.copier.entry_dtype, shape, fallback=self._on_cpu
+                )
                 if entry is None:
                     continue
                 entries.append(entry)
@@ -410,6 +434,7 @@ class WorkerSide:
             "kvshelf_verification_failures_total": engine.verify_failures,
             "kvshelf_saved_chunks_total": engine.saved_chunks,
             "kvshelf_dropped_saves_total": queue.dropped_saves + engine.dropped_saves,
+            "kvshelf_unpaid_tokens_total": engine.unpaid_tokens,
             "kvshelf_load_failures_total": self._failed_blocks,
         }
         for tier, tokens in self._loaded_tokens.items():
