@@ -41,8 +41,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "bench":
-            from kvshelf.bench.command import main as bench_main
-
+            try:
+                from kvshelf.bench.command import main as bench_main
+            except ImportError as exc:
+                print(f"kvshelf bench needs its extra ({exc.name} is missing): "
+                      "pip install 'kvshelf[bench]'", file=sys.stderr)
+                return 2
             return bench_main(args)
         return _admin(args)
     except KeyboardInterrupt:
@@ -52,44 +56,57 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _admin(args: argparse.Namespace) -> int:
     from kvshelf import admin
-    from kvshelf.bench.report import make_console
 
-    console = make_console()
     try:
         if args.command == "stats":
             result = admin.stats(args.target)
             if args.json:
                 print(json.dumps(result.as_dict(), indent=1))
             else:
-                console.print(_stats_table(result))
+                _print_stats(result)
         else:
             done = admin.clear(args.target, args.namespace)
             which = ", ".join(n[:12] for n in done.namespaces) or "none"
-            console.print(f"removed {done.entries} entries ({done.keys} files/keys) from "
-                          f"{done.target}; namespaces: {which}", highlight=False)
+            print(f"removed {done.entries} entries ({done.keys} files/keys) from "
+                  f"{done.target}; namespaces: {which}")
     except admin.AdminError as exc:
         print(f"kvshelf {args.command}: error: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
-def _stats_table(result):
-    from rich.table import Table
+_STATS_COLUMNS = ("namespace", "model", "entries", "bytes", "oldest", "newest")
 
-    table = Table(title=f"kvshelf {result.tier} tier: {result.target}", title_justify="left")
-    for name in ("namespace", "model", "entries", "bytes", "oldest", "newest"):
-        table.add_column(name, justify="right" if name in ("entries", "bytes") else "left")
-    for ns in result.namespaces:
-        table.add_row(ns.namespace[:12], _model(ns.description), f"{ns.entries:,}", _size(ns.bytes),
-                      _when(ns.oldest), _when(ns.newest))
-    table.add_section()
-    table.add_row("total", "", f"{result.entries:,}", _size(result.bytes), "", "")
+
+def _print_stats(result) -> None:
+    """A table: rich's where the bench extra is installed, plain text otherwise."""
+    rows = [(ns.namespace[:12], _model(ns.description), f"{ns.entries:,}", _size(ns.bytes),
+             _when(ns.oldest), _when(ns.newest)) for ns in result.namespaces]
+    total = ("total", "", f"{result.entries:,}", _size(result.bytes), "", "")
+    title = f"kvshelf {result.tier} tier: {result.target}"
     notes = ["oldest/newest: least/most recent write or read"]
     if result.stray:
         what = "unfinished temp files" if result.tier == "disk" else "parts without a head"
         notes.append(f"{result.stray} {what} (a writer at work, or one that died)")
-    table.caption = "; ".join(notes)
-    return table
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        widths = [max(len(r[i]) for r in [_STATS_COLUMNS, *rows, total]) for i in range(6)]
+        print(title)
+        for row in [_STATS_COLUMNS, *rows, total]:
+            print("  ".join(cell.rjust(w) if i in (2, 3) else cell.ljust(w)
+                            for i, (cell, w) in enumerate(zip(row, widths))))
+        print("; ".join(notes))
+        return
+    table = Table(title=title, title_justify="left", caption="; ".join(notes))
+    for name in _STATS_COLUMNS:
+        table.add_column(name, justify="right" if name in ("entries", "bytes") else "left")
+    for row in rows:
+        table.add_row(*row)
+    table.add_section()
+    table.add_row(*total)
+    Console(width=None if sys.stdout.isatty() else 150).print(table)  # piped: no wrapping
 
 
 def _model(description: dict | None) -> str:
