@@ -19,6 +19,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     SupportsHMA,
 )
 
+try:  # vLLM 0.27+: failed asynchronous loads are reported apart
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
+except ImportError:  # earlier: get_finished alone
+    KVConnectorTransferResults = None  # type: ignore[assignment,misc]
+
 from kvshelf.config import ConfigError, KVShelfConfig, load_config
 from kvshelf.vllm.groups import describe_groups
 from kvshelf.vllm.logs import configure_logging
@@ -93,6 +98,18 @@ class KVShelfConnector(KVConnectorBase_V1, SupportsHMA):
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker_side().take_load_errors()
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        done, failed = self._worker_side().take_finished_loads()
+        for req_id in failed:  # a vLLM without get_transfer_results cannot be told
+            logger.error("request %s: its KV load failed", req_id)
+        return None, done or None
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        """Asynchronous loads (models with several KV cache groups): finished ones, and
+        the failed ones among them, which vLLM recomputes from the start."""
+        done, failed = self._worker_side().take_finished_loads()
+        return KVConnectorTransferResults(finished_recving=done, failed_recving=failed)
 
     def shutdown(self) -> None:
         if self._worker is not None:

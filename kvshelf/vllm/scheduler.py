@@ -83,6 +83,7 @@ class _Request:
     done: set[ChunkKey] = field(default_factory=set)  # cached or already saved
     block_ids: BlockIds = ()
     external_tokens: int = 0  # to load in the request's next step
+    local_tokens: int = 0  # vLLM's own prefix hit when the lookup ran
     checked: int = 0  # prompt tokens already looked at for saves
     logged: bool = False
 
@@ -98,6 +99,10 @@ class SchedulerSide:
         self.config = config  # its chunk_size is whole blocks (see connector.fit_chunk_size)
         self.block_size = vllm_config.cache_config.block_size
         self.state_groups = groups.state_groups if groups is not None else ()
+        # Several KV cache groups: vLLM takes load failures only as whole requests of
+        # an asynchronous load (failed_recving), so such a model's loads are asynchronous.
+        self.async_loads = groups is not None and not groups.uniform
+        self._async: list[str] = []  # loads to emit in the next step
         self.max_step_tokens = vllm_config.scheduler_config.max_num_batched_tokens
         cacheable = groups is None or groups.unsupported is None
         self.load_enabled = role != "kv_producer" and cacheable
@@ -137,7 +142,9 @@ class SchedulerSide:
         state.done.update(state_chunk(c).key for c in covered)
         # vLLM must compute at least the last token itself to produce logits.
         usable = min(hit, request.num_tokens - 1)
-        return max(0, usable - num_computed_tokens), False
+        state.local_tokens = num_computed_tokens
+        external = max(0, usable - num_computed_tokens)
+        return external, self.async_loads and external > 0
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
@@ -148,6 +155,11 @@ class SchedulerSide:
         state.external_tokens = num_external_tokens
         if num_external_tokens == 0 and state.hit_tokens:
             self._released.append(request.request_id)  # nothing to load: unpin now
+        elif num_external_tokens and self.async_loads:
+            # The request waits for its load, done in the next step's start_load_kv
+            # whatever that step computes, and reported by the worker when finished.
+            state.block_ids = tuple(list(ids) for ids in blocks.get_block_ids())
+            self._async.append(request.request_id)
         self._log_request(request, state, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVShelfMetadata:
@@ -157,6 +169,13 @@ class SchedulerSide:
         self._clock.step(
             time.perf_counter(), scheduler_output.total_num_scheduled_tokens, frozenset(scheduled)
         )
+        for req_id in self._async:
+            state = self._requests.get(req_id)
+            if state is not None and state.external_tokens:
+                end = state.local_tokens + state.external_tokens
+                meta.loads.append(self._load_spec(req_id, state, end))
+                state.external_tokens = 0
+        self._async = []
         for new in scheduler_output.scheduled_new_reqs:
             state = self._requests.get(new.req_id)
             if state is not None:

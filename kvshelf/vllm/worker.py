@@ -62,6 +62,8 @@ class WorkerSide:
         self._server: LookupServer | None = None
         self._lookup: WorkerLookup | None = None
         self._load_errors: set[int] = set()
+        self._finished_loads: set[str] = set()  # asynchronous loads (hybrid models)
+        self._failed_loads: set[str] = set()
         self._saving: tuple[KVShelfMetadata, list[Entry]] | None = None
         self._loaded: list[str] = []  # requests whose holds go once their copies are done
         self._loaded_tokens: Counter[str] = Counter()  # by the tier the chunks came from
@@ -248,10 +250,11 @@ class WorkerSide:
         self._loaded_tokens[origins.get(chunk.key, "")] += loaded
 
     def _load_hybrid(self, meta: KVShelfMetadata) -> None:
-        """Every group's blocks, and the recurrent state where the hit ends. A hybrid
-        model's hits were read and verified at lookup (prefetch), so a missing entry
-        means its hold expired: it is read again; if that fails the load is skipped
-        with an error (vLLM cannot take block-level failures for several groups)."""
+        """Every group's blocks, and the recurrent state where the hit ends. These loads
+        are asynchronous (the request waits for them outside the step's forward) and end
+        in :meth:`take_finished_loads`. A hybrid model's hits were read and verified at
+        lookup (prefetch), so a missing entry means its hold expired: it is read again;
+        if that fails the request is reported failed and vLLM recomputes all of it."""
         chunks: list[ChunkCopy] = []
         states: list[StateCopy] = []
         token_groups = [g.index for g in self.groups.token_groups]
@@ -261,8 +264,12 @@ class WorkerSide:
             origins = self.engine.origins(spec.req_id)
             if any(c.key not in held for c in wanted) or None in spec.state_slots:
                 self._failed_blocks += math.ceil((spec.end - spec.start) / self.block_size)
-                logger.error("request %s: cannot load its cached prefix", spec.req_id)
+                self._failed_loads.add(spec.req_id)
+                logger.warning(
+                    "request %s: cannot load its cached prefix; vLLM recomputes it", spec.req_id
+                )
                 continue
+            self._finished_loads.add(spec.req_id)
             for chunk in spec.chunks:
                 first, last = self._block_span(chunk, spec)
                 ids = [spec.block_ids[g][first:last] for g in token_groups]
@@ -274,7 +281,9 @@ class WorkerSide:
         try:
             self.mover.load((chunks, states))
         except RuntimeError:
-            logger.exception("KV copy into the cache failed")
+            logger.exception("KV copy into the cache failed; vLLM recomputes those requests")
+            self._failed_loads |= self._finished_loads
+            self._finished_loads = set()
         self._loaded.extend(spec.req_id for spec in meta.loads)
         self._load_bytes += sum(c.num_blocks for c in chunks) * self.hybrid.block_bytes()
 
@@ -301,6 +310,12 @@ class WorkerSide:
     def take_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
         return errors
+
+    def take_finished_loads(self) -> tuple[set[str], set[str]]:
+        """Asynchronous loads done since the last call: (all of them, the failed ones)."""
+        done, failed = self._finished_loads | self._failed_loads, self._failed_loads
+        self._finished_loads, self._failed_loads = set(), set()
+        return done, failed
 
     # -- saves -------------------------------------------------------------------
     def save_kv_layer(self, meta: KVShelfMetadata, layer_name: str) -> None:

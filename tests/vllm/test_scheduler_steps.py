@@ -77,10 +77,16 @@ class Setup:
                 self.engine.save([entry])
 
     def run(self, request: Request, block_ids, steps: list[int]) -> list[KVShelfMetadata]:
-        """Schedule ``request`` for prefill steps of ``steps`` tokens, as vLLM would."""
-        external, _ = self.side.get_num_new_matched_tokens(request, 0)
-        self.side.update_state_after_alloc(request, None, external)
+        """Schedule ``request`` for prefill steps of ``steps`` tokens, as vLLM would. A
+        hit of a model with several KV cache groups loads asynchronously: in a step of
+        its own (the first meta returned), before the request computes anything."""
+        external, load_async = self.side.get_num_new_matched_tokens(request, 0)
+        assert load_async == (external > 0)
+        blocks = SimpleNamespace(get_block_ids=lambda: block_ids)
+        self.side.update_state_after_alloc(request, blocks, external)
         computed, metas = external, []
+        if load_async:
+            metas.append(self.side.build_connector_meta(SchedulerOutput.make_empty()))
         for i, tokens in enumerate(steps):
             output = SchedulerOutput.make_empty()
             output.num_scheduled_tokens = {request.request_id: tokens}
@@ -129,13 +135,14 @@ def test_states_are_saved_where_steps_end_and_a_repeat_loads_the_last_one(mamba_
     # The same prompt again: the hit ends on the last state before its last token.
     again = request(tokens)
     metas = mamba_setup.run(again, (list(range(11, 18)), [77]), [4])
-    (load,) = metas[0].loads
+    (load,) = metas[0].loads  # asynchronous: a step of its own, before the request computes
+    assert metas[0].saves == [] and metas[1].loads == []
     assert (load.start, load.end) == (0, 96)
     assert [c.end for c in load.chunks] == [32, 64, 96]
     assert load.state == state_chunk(load.chunks[-1]) and load.state_slots == [77]
     # Nothing the hit covers is saved again; the tail after it is (the lookup names the
     # hit only, not what else exists).
-    (save,) = metas[0].saves
+    (save,) = metas[1].saves
     assert [c.end for c in save.chunks] == [100] and [s.end for s, _ in save.states] == [100]
 
 
