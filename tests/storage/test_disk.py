@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
+import logging
+import mmap
 import os
 import subprocess
 import sys
@@ -11,12 +14,15 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from kvshelf import codec
 from kvshelf.codec import HEADER_BYTES, Entry
 from kvshelf.keys import StoreKey
-from kvshelf.storage.disk import DiskStore
+from kvshelf.storage import disk
+from kvshelf.storage.base import HeapMemory, HostBlock
+from kvshelf.storage.disk import DIRECT_ALIGN, DIRECT_MIN_BYTES, DiskStore
 from kvshelf.storage.memory import MemoryStore
 
 NAMESPACE = bytes.fromhex("00112233445566778899aabbccddeeff")
@@ -190,6 +196,229 @@ def test_a_corrupt_read_gives_its_buffer_back(tmp_path):
     assert memory.stats().used_bytes == 0
 
 
+# -- large entries: O_DIRECT, pieces, fallbacks ---------------------------------------------
+
+# Payload sizes from DIRECT_MIN_BYTES up: the file ends mid-block, on a block, one byte
+# past one; and one spanning several pieces.
+LARGE_SIZES = [
+    DIRECT_MIN_BYTES,
+    DIRECT_MIN_BYTES + 1,
+    2 * DIRECT_MIN_BYTES + DIRECT_ALIGN - HEADER_BYTES,  # the file is whole blocks
+    3 * DIRECT_MIN_BYTES + 4093,
+]
+
+
+def large_entry(index: int, nbytes: int) -> Entry:
+    payload = np.random.default_rng(index).integers(0, 256, nbytes, dtype=np.uint8)
+    return Entry(key(index), bytes(32), 4, "uint8", (nbytes,), memoryview(payload))
+
+
+class OffsetBuffers:
+    """Buffers ``shift`` bytes past a page boundary: the O_DIRECT destination address
+    (file offset - 256) is then aligned for the device, or not."""
+
+    def __init__(self, shift: int):
+        self.shift = shift
+        self.heap = HeapMemory()
+        self.given: list[HostBlock] = []
+
+    def allocate(self, nbytes: int) -> HostBlock:
+        pages = np.frombuffer(mmap.mmap(-1, nbytes + 2 * mmap.PAGESIZE), dtype=np.uint8)
+        block = HostBlock(memoryview(pages[self.shift : self.shift + nbytes]), self.heap)
+        self.given.append(block)
+        return block
+
+    def discard(self, block: HostBlock) -> None:
+        self.given.remove(block)
+
+
+@pytest.fixture
+def opens(monkeypatch):
+    """The flags of every os.open, to see which reads went around the page cache."""
+    flags: list[int] = []
+    real_open = os.open
+
+    def spy(path, flag, *args, **kwargs):
+        flags.append(flag)
+        return real_open(path, flag, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", spy)
+    return flags
+
+
+def direct_opens(flags: list[int]) -> int:
+    return sum(bool(f & getattr(os, "O_DIRECT", 0)) for f in flags)
+
+
+@pytest.fixture
+def small_pieces(monkeypatch):
+    monkeypatch.setattr(disk, "PIECE_BYTES", DIRECT_MIN_BYTES)  # several pieces per entry
+
+
+@pytest.mark.parametrize("nbytes", LARGE_SIZES)
+@pytest.mark.parametrize("shift", [256, 16, 0], ids=["in-place", "heap-like", "page"])
+def test_a_large_entry_is_read_whole_whatever_the_buffer_alignment(
+    tmp_path, opens, small_pieces, nbytes, shift
+):
+    buffers = OffsetBuffers(shift)
+    store = DiskStore(tmp_path, 10**9, buffers=buffers)
+    entries = [large_entry(1, nbytes), large_entry(2, nbytes + 7)]
+    store.put(entries)
+    opens.clear()
+    got = store.get([e.key for e in entries])
+    for g, want in zip(got, entries, strict=True):
+        assert g is not None and g.payload.tobytes() == want.payload.tobytes()
+        assert g.owner in buffers.given  # read into the buffer it was given
+    if store.direct:  # this filesystem takes O_DIRECT: both files were read around the cache
+        assert direct_opens(opens) == 2
+        if shift == 256:  # every aligned range went straight into the page-aligned buffer
+            assert store.direct_memory_align == 1
+    stats = store.stats()
+    assert (stats.hits, stats.misses, stats.corrupt, stats.errors) == (2, 0, 0, 0)
+    assert stats.bytes_read == 2 * nbytes + 7
+
+
+def test_small_entries_are_read_through_the_page_cache(tmp_path, opens):
+    store = DiskStore(tmp_path, 10**6)
+    store.put([entry(1)])
+    opens.clear()
+    assert store.get([key(1)])[0] is not None
+    assert direct_opens(opens) == 0
+
+
+def test_a_filesystem_refusing_o_direct_is_read_through_the_page_cache(
+    tmp_path, monkeypatch, caplog
+):
+    """As tmpfs before Linux 6.6 does: open(O_DIRECT) fails with EINVAL."""
+    real_open = os.open
+
+    def no_direct(path, flags, *args, **kwargs):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", no_direct)
+    store = DiskStore(tmp_path, 10**9)
+    entries = [large_entry(i, DIRECT_MIN_BYTES + 99) for i in range(3)]
+    store.put(entries)
+    with caplog.at_level(logging.INFO, logger="kvshelf.storage.disk"):
+        for _ in range(2):
+            got = store.get([e.key for e in entries])
+            assert [g.payload.tobytes() for g in got] == [e.payload.tobytes() for e in entries]
+    assert not store.direct
+    assert sum("refuses O_DIRECT" in r.message for r in caplog.records) == 1
+    assert store.stats().errors == 0
+
+
+@pytest.mark.parametrize("refused_from", [0, DIRECT_ALIGN], ids=["header", "pieces"])
+def test_a_filesystem_refusing_aligned_direct_reads_falls_back(
+    tmp_path, monkeypatch, small_pieces, refused_from
+):
+    """O_DIRECT opens, but reads fail with EINVAL even aligned (a larger sector size):
+    the file is switched to buffered reads and the entry still comes back whole."""
+    real_preadv = os.preadv
+
+    def picky(fd, buffers, offset, *args):
+        if offset >= refused_from and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_preadv(fd, buffers, offset, *args)
+
+    monkeypatch.setattr(os, "preadv", picky)
+    store = DiskStore(tmp_path, 10**9)
+    want = large_entry(1, 3 * DIRECT_MIN_BYTES + 5)
+    store.put([want])
+    (got,) = store.get([want.key])
+    assert got is not None and got.payload.tobytes() == want.payload.tobytes()
+    assert not store.direct and store.stats().errors == 0
+
+
+@pytest.mark.parametrize(
+    "position",
+    [
+        HEADER_BYTES + 10,  # payload that came with the header's block
+        DIRECT_ALIGN + 10,  # the first piece
+        2 * DIRECT_MIN_BYTES + 3,  # a later piece
+        -1,  # the file's last, partial block
+    ],
+    ids=["head", "first-piece", "later-piece", "tail"],
+)
+def test_a_flipped_byte_in_a_large_entry_is_a_miss(tmp_path, small_pieces, position):
+    memory = MemoryStore(10**9)
+    store = DiskStore(tmp_path, 10**9, buffers=memory)
+    entries = [large_entry(1, 3 * DIRECT_MIN_BYTES + 4093), large_entry(2, DIRECT_MIN_BYTES)]
+    store.put(entries)
+    path = entry_path(tmp_path, key(1))
+    data = bytearray(path.read_bytes())
+    data[position] ^= 0x10
+    path.write_bytes(bytes(data))
+    got = store.get([key(1), key(2)])
+    assert got[0] is None and got[1] is not None
+    assert not path.exists()
+    assert store.stats().corrupt == 1
+    memory.discard(got[1].owner)
+    assert memory.stats().used_bytes == 0  # the failed read gave its buffer back
+
+
+@pytest.mark.parametrize("cut", [1, DIRECT_ALIGN, DIRECT_MIN_BYTES])
+def test_a_truncated_large_entry_is_a_miss(tmp_path, cut):
+    store = DiskStore(tmp_path, 10**9)
+    store.put([large_entry(1, 2 * DIRECT_MIN_BYTES + 1)])
+    path = entry_path(tmp_path, key(1))
+    os.truncate(path, path.stat().st_size - cut)
+    assert store.get([key(1)]) == [None]
+    assert not path.exists() and store.stats().corrupt == 1
+
+
+def test_a_file_shrinking_during_a_read_is_a_miss(tmp_path, monkeypatch, small_pieces):
+    """The size is checked at open; a writer truncating it later gives a short read."""
+    store = DiskStore(tmp_path, 10**9)
+    store.put([large_entry(1, 3 * DIRECT_MIN_BYTES)])
+    path = entry_path(tmp_path, key(1))
+    real_fill = DiskStore._fill
+
+    def shrink_first(self, piece):
+        os.truncate(path, 2 * DIRECT_MIN_BYTES)
+        real_fill(self, piece)
+
+    monkeypatch.setattr(DiskStore, "_fill", shrink_first)
+    assert store.get([key(1)]) == [None]
+    assert store.stats().corrupt == 1
+
+
+def test_a_bug_in_a_reader_thread_leaks_no_file_and_no_buffer(tmp_path, monkeypatch, small_pieces):
+    memory = MemoryStore(10**9)
+    store = DiskStore(tmp_path, 10**9, buffers=memory)
+    entries = [large_entry(i, 2 * DIRECT_MIN_BYTES) for i in range(3)]
+    store.put(entries)
+    real_read_range = DiskStore._read_range
+
+    def broken(self, read, start, stop):
+        if start > DIRECT_MIN_BYTES:
+            raise RuntimeError("a bug")
+        real_read_range(self, read, start, stop)
+
+    monkeypatch.setattr(DiskStore, "_read_range", broken)
+    open_fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(RuntimeError, match="a bug"):
+        store.get([e.key for e in entries])
+    assert len(os.listdir("/proc/self/fd")) == open_fds
+    assert memory.stats().used_bytes == 0
+    monkeypatch.undo()
+    assert all(g is not None for g in store.get([e.key for e in entries]))
+
+
+def test_large_entries_on_a_tmpfs(tmpfs, opens):
+    """tmpfs takes O_DIRECT from Linux 6.6 on and refuses it before: either way a read
+    comes back whole."""
+    root = tmpfs("big", "size=16m")
+    store = DiskStore(root, 10**9)
+    want = large_entry(1, DIRECT_MIN_BYTES + 12345)
+    store.put([want])
+    (got,) = store.get([want.key])
+    assert got is not None and got.payload.tobytes() == want.payload.tobytes()
+    assert store.stats().errors == 0
+
+
 # -- budget ---------------------------------------------------------------------------------
 
 
@@ -245,14 +474,13 @@ import json, sys
 from kvshelf.codec import Entry
 from kvshelf.storage.disk import DiskStore
 
-root, worker = sys.argv[1], int(sys.argv[2])
-STEPS = 400
+root, worker, STEPS, SIZE = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 store = DiskStore(root, 1 << 30)
 ns = bytes(16)
 
 def entry(index, fill):
-    payload = memoryview(bytes([fill]) * 65536)
-    return Entry(ns + index.to_bytes(32, "big"), bytes(32), 1, "uint8", (65536,), payload)
+    payload = memoryview(bytes([fill]) * SIZE)
+    return Entry(ns + index.to_bytes(32, "big"), bytes(32), 1, "uint8", (SIZE,), payload)
 
 shared = entry(0, 42)  # every process writes this same key with the same bytes
 own = [entry(1000 * (worker + 1) + i, worker) for i in range(20)]
@@ -267,10 +495,13 @@ print(json.dumps({"wrong": wrong, "corrupt": store.stats().corrupt}))
 """
 
 
-def test_processes_hammering_the_same_and_different_keys(tmp_path):
+@pytest.mark.parametrize(
+    ("steps", "nbytes"), [(400, 65536), (40, DIRECT_MIN_BYTES + 4097)], ids=["small", "o_direct"]
+)
+def test_processes_hammering_the_same_and_different_keys(tmp_path, steps, nbytes):
     workers = [
         subprocess.Popen(
-            [sys.executable, "-c", _HAMMER, str(tmp_path), str(w)],
+            [sys.executable, "-c", _HAMMER, str(tmp_path), str(w), str(steps), str(nbytes)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
