@@ -34,7 +34,7 @@ from kvshelf.pacing import ChunkCost, paying_prefix
 from kvshelf.storage.base import HeapMemory, HostMemory, Store, StoreStats
 from kvshelf.storage.disk import DiskStore
 from kvshelf.storage.memory import MemoryStore
-from kvshelf.storage.tiered import SaveQueueStats, TieredStore
+from kvshelf.storage.tiered import Found, SaveQueueStats, TieredStore
 
 logger = logging.getLogger(__name__)
 
@@ -167,19 +167,18 @@ class CacheEngine:
         """Read and verify ``chunks`` in order, stopping at the first that fails, and
         pin what was read under ``owner`` (adding to an existing hold). Returns the
         verified prefix."""
-        origins: list[str] = []
-        entries = self.store.get([self.key(c) for c in chunks], pin=True, origins=origins)
-        good: list[tuple[Chunk, Entry]] = []
-        for chunk, entry in zip(chunks, entries):
-            if entry is None or not self._verified(entry, chunk):
+        found = self.store.find([self.key(c) for c in chunks], pin=True)
+        good: list[tuple[Chunk, Found]] = []
+        for chunk, read in zip(chunks, found):
+            if read is None or not self._verified(read.entry, chunk):
                 break
-            good.append((chunk, entry))
-        self._unpin_resident(entries[len(good) :])
+            good.append((chunk, read))
+        self._unpin_resident([f.entry for f in found[len(good) :] if f is not None])
         with self._lock:
             hold = self._holds.setdefault(owner, _Hold([], [], 0.0))
-            hold.entries.extend(good)
-            hold.pinned.extend(self.key(c) for c, e in good if self._resident(e))
-            hold.origins.update((c.key, tier) for (c, _), tier in zip(good, origins))
+            hold.entries.extend((c, read.entry) for c, read in good)
+            hold.pinned.extend(self.key(c) for c, read in good if self._resident(read.entry))
+            hold.origins.update((c.key, read.tier) for c, read in good)
             hold.deadline = time.monotonic() + self.config.hold_timeout_s
         return [c for c, _ in good]
 

@@ -49,6 +49,12 @@ class SaveQueueStats:
     failed_saves: int = 0  # a lower tier raised (a bug); logged with its traceback
 
 
+@dataclass(frozen=True)
+class Found:
+    entry: Entry
+    tier: str  # the tier it was read from
+
+
 @dataclass
 class _Job:
     resident: list[StoreKey]  # dirty in the memory tier
@@ -106,21 +112,17 @@ class TieredStore:
                     where[i] = t
         return where
 
-    def get(
-        self, keys: Sequence[StoreKey], pin: bool = False, origins: list[str] | None = None
-    ) -> list[Entry | None]:
-        """Entries from the fastest tier holding them, promoted into memory.
+    def find(self, keys: Sequence[StoreKey], pin: bool = False) -> list[Found | None]:
+        """Entries from the fastest tier holding them, promoted into memory, each with
+        the name of the tier it came from.
 
         With ``pin``, every returned entry that is resident in memory is pinned; the
-        caller unpins it (``memory.unpin``) when done. ``origins``, if given, receives
-        the name of the tier each entry came from ("" for a miss).
+        caller unpins it (``memory.unpin``) when done.
         """
-        found = [""] * len(keys)
+        out: list[Found | None] = [None] * len(keys)
         if self.memory is not None:
-            out = self.memory.pin(keys) if pin else self.memory.get(keys)
-            found = [self.memory.name if e is not None else "" for e in out]
-        else:
-            out = [None] * len(keys)
+            resident = self.memory.pin(keys) if pin else self.memory.get(keys)
+            out = [Found(e, self.memory.name) if e is not None else None for e in resident]
         for tier in self.lower:
             todo = [i for i, e in enumerate(out) if e is None]
             if not todo:
@@ -130,11 +132,12 @@ class TieredStore:
             self._note_read(tier.name, got, time.perf_counter() - began)
             for i, entry in zip(todo, got):
                 if entry is not None:
-                    out[i] = self._promote(entry, pin)
-                    found[i] = tier.name
-        if origins is not None:
-            origins.extend(found)
+                    out[i] = Found(self._promote(entry, pin), tier.name)
         return out
+
+    def get(self, keys: Sequence[StoreKey], pin: bool = False) -> list[Entry | None]:
+        """:meth:`find` without the tiers."""
+        return [found.entry if found is not None else None for found in self.find(keys, pin)]
 
     def read_rate(self, tier: str) -> float | None:
         """Measured bytes/s of reads from a lower tier; ``math.inf`` for memory;
