@@ -27,8 +27,9 @@ except ImportError:  # earlier: get_finished alone
 from kvshelf.config import ConfigError, KVShelfConfig, load_config
 from kvshelf.vllm.groups import describe_groups
 from kvshelf.vllm.logs import configure_logging
+from kvshelf.vllm.metadata import KVShelfMetadata
 from kvshelf.vllm.metrics import KVShelfPromMetrics, KVShelfStats
-from kvshelf.vllm.scheduler import KVShelfMetadata, SchedulerSide
+from kvshelf.vllm.scheduler import SchedulerSide
 from kvshelf.vllm.worker import WorkerSide
 
 logger = logging.getLogger("kvshelf.connector")

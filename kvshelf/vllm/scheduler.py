@@ -13,8 +13,6 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
-
 from kvshelf.config import KVShelfConfig
 from kvshelf.keys import (
     Chunk,
@@ -28,6 +26,7 @@ from kvshelf.keys import (
 from kvshelf.lookup import PENDING, LookupClient, socket_path
 from kvshelf.pacing import PrefillClock
 from kvshelf.vllm.groups import CacheGroups
+from kvshelf.vllm.metadata import BlockIds, KVShelfMetadata, LoadSpec, SaveSpec
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -37,41 +36,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("kvshelf.scheduler")
 MIN_HIT_TOKENS = 16
-
-
-BlockIds = tuple[list[int], ...]  # per KV cache group, as vLLM gives them
-
-
-@dataclass
-class LoadSpec:
-    """Load ``chunks`` into the request's blocks, writing tokens ``[start, end)``; with
-    ``state``, load that recurrent state into block ``state_slots[i]`` of state group i."""
-
-    req_id: str
-    chunks: list[Chunk]
-    block_ids: BlockIds
-    start: int  # first token to write: block-aligned (vLLM's own hit ends on a block)
-    end: int
-    state: Chunk | None = None
-    state_slots: list[int | None] = field(default_factory=list)  # None: no block holds it
-
-
-@dataclass
-class SaveSpec:
-    """Save ``chunks``, whose tokens are computed once this step's forward is done, and
-    ``states``: each a state entry and the block of every state group holding it."""
-
-    req_id: str
-    chunks: list[Chunk]
-    block_ids: BlockIds
-    states: list[tuple[Chunk, list[int]]] = field(default_factory=list)
-
-
-@dataclass
-class KVShelfMetadata(KVConnectorMetadata):
-    loads: list[LoadSpec] = field(default_factory=list)
-    saves: list[SaveSpec] = field(default_factory=list)
-    released: list[str] = field(default_factory=list)  # requests whose holds to drop
 
 
 @dataclass

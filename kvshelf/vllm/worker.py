@@ -30,9 +30,9 @@ from kvshelf.vllm.fp8 import STORAGE_NAME, Fp8Copier, Fp8Mover, scale_group
 from kvshelf.vllm.groups import CacheGroups, GroupKind
 from kvshelf.vllm.hybrid import PAYLOAD_DTYPE, ChunkCopy, HybridCache, HybridMover, StateCopy
 from kvshelf.vllm.layout import BlockCopier, KVLayout, LayoutError, discover_layout
+from kvshelf.vllm.metadata import KVShelfMetadata, LoadSpec
 from kvshelf.vllm.metrics import series
 from kvshelf.vllm.movers import Completer, LoadItem, SaveItem, StepCopies, make_mover
-from kvshelf.vllm.scheduler import KVShelfMetadata, LoadSpec
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

@@ -29,7 +29,8 @@ from kvshelf.keys import Namespace, state_chunk
 from kvshelf.lookup import LookupServer, WorkerLookup, socket_path
 from kvshelf.vllm.connector import fit_chunk_size
 from kvshelf.vllm.groups import describe_groups
-from kvshelf.vllm.scheduler import KVShelfMetadata, SchedulerSide
+from kvshelf.vllm.metadata import KVShelfMetadata
+from kvshelf.vllm.scheduler import SchedulerSide
 
 CHUNK = 32
 BLOCK = 16
