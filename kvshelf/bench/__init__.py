@@ -1,4 +1,5 @@
-"""`kvshelf bench`: TTFT of the five request types against any OpenAI-compatible server."""
+"""`kvshelf bench`: TTFT of the five request types against any OpenAI-compatible server, or
+of the exact request sequence of the multimodal client LMCache's page runs."""
 
 from kvshelf.bench.client import (
     BenchError,
@@ -11,6 +12,7 @@ from kvshelf.bench.client import (
 )
 from kvshelf.bench.logs import RequestLine, request_lines
 from kvshelf.bench.payloads import REQUEST_TYPES, Media, chat_body, load_media
+from kvshelf.bench.reference import run_reference
 from kvshelf.bench.run import COLD, WARM, BenchRun, BenchSettings, Measurement, run_bench
 
 __all__ = [
@@ -32,5 +34,6 @@ __all__ = [
     "load_media",
     "request_lines",
     "run_bench",
+    "run_reference",
     "stream_chat",
 ]

@@ -13,7 +13,7 @@ import base64
 import mimetypes
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,7 +92,7 @@ def load_media(source: str | os.PathLike[str], *, as_file_url: bool = False) -> 
         return Media(kind, path.resolve().as_uri(), f"{path.name} (file://)")
     data = _read(path, text)
     encoded = base64.b64encode(data).decode("ascii")
-    return Media(kind, f"data:{_mime(path.name)};base64,{encoded}", path.name)
+    return Media(kind, f"data:{mime_of(path.name)};base64,{encoded}", path.name)
 
 
 def builtin_media(out_dir: str | os.PathLike[str]) -> dict[str, Path]:
@@ -164,17 +164,29 @@ def fit_filler(
     Counts with vLLM's ``POST /tokenize`` (which expands media placeholders as a request
     would). A server without it gets an estimate of 1.3 tokens per word and ``exact=False``.
     """
-    base = _count(client, url, model, media, 0)
+    def messages(words: int) -> list[dict[str, Any]]:
+        return chat_body(model, media, filler_words=words)["messages"]
+
+    return fit_words(client, url, model, messages, prompt_tokens)
+
+
+def fit_words(
+    client: httpx.Client, url: str, model: str,
+    messages_for: Callable[[int], list[dict[str, Any]]], prompt_tokens: int,
+) -> tuple[int, bool]:
+    """As :func:`fit_filler`, for any messages: ``messages_for(words)`` gives them padded
+    with that many filler words."""
+    base = _count(client, url, model, messages_for(0))
     if base is None:
         return max(0, round(prompt_tokens / 1.3)), False
     if base >= prompt_tokens:
         return 0, True
     probe_words = 200
-    probe = _count(client, url, model, media, probe_words)
+    probe = _count(client, url, model, messages_for(probe_words))
     per_word = max((probe or base) - base, 1) / probe_words
     words = round((prompt_tokens - base) / per_word)
     for _ in range(3):  # a few corrections: the words drawn differ in token counts
-        got = _count(client, url, model, media, words)
+        got = _count(client, url, model, messages_for(words))
         step = 0 if got is None else round((prompt_tokens - got) / per_word)
         if step == 0:
             break
@@ -182,10 +194,9 @@ def fit_filler(
     return words, True
 
 
-def _count(client: httpx.Client, url: str, model: str, media: Sequence[Media],
-           filler_words: int) -> int | None:
-    body = chat_body(model, media, filler_words=filler_words)
-    tokenize = {"model": model, "messages": body["messages"], "add_generation_prompt": True}
+def _count(client: httpx.Client, url: str, model: str,
+           messages: list[dict[str, Any]]) -> int | None:
+    tokenize = {"model": model, "messages": messages, "add_generation_prompt": True}
     try:
         response = client.post(f"{base_url(url)}/tokenize", json=tokenize)
     except httpx.HTTPError:
@@ -197,10 +208,11 @@ def _count(client: httpx.Client, url: str, model: str, media: Sequence[Media],
 
 
 def _kind(name: str, source: str) -> str:
-    return _kind_of_mime(_mime(name), source)
+    return _kind_of_mime(mime_of(name), source)
 
 
-def _mime(name: str) -> str:
+def mime_of(name: str) -> str:
+    """The MIME type of a file name (or URL path) from its suffix; "" when unknown."""
     suffix = Path(name).suffix.lower()
     return _EXTRA_MIME.get(suffix) or mimetypes.guess_type(name)[0] or ""
 

@@ -17,6 +17,7 @@ from rich.table import Table
 from kvshelf.bench.run import COLD, WARM, Measurement
 
 PHASE_LABELS = {COLD: "cold", WARM: "warm"}
+_PANELS_PER_ROW = 5
 _COLOURS = {COLD: "#4878a8", WARM: "#e0813a"}
 
 
@@ -102,6 +103,54 @@ def requests_table(measurements: Sequence[Measurement], title: str) -> Table:
     return table
 
 
+def runs_table(measurements: Sequence[Measurement], title: str,
+               run_labels: Mapping[int, str] | None = None, show_media: bool = True) -> Table:
+    """One row per request of a repeated sequence, its TTFT and kvshelf hit tokens (when
+    the server log was read; "loaded" is what kvshelf copied in, the rest vLLM's own prefix
+    cache held) in each run side by side; the last row has each run's total time."""
+    rounds = sorted({m.round for m in measurements})
+    labels = {r: (run_labels or {}).get(r, f"run {r + 1}") for r in rounds}
+    hits = any(m.hit_tokens is not None for m in measurements)
+    models = len({m.model for m in measurements}) > 1
+    table = Table(title=title, title_justify="left")
+    media = ["media"] if show_media else []
+    for name in (["model"] if models else []) + ["request", *media, "prompt tokens"]:
+        table.add_column(name, justify="right" if name == "prompt tokens" else "left")
+    for r in rounds:
+        table.add_column(f"{labels[r]} TTFT", justify="right")
+        if hits:
+            table.add_column(f"{labels[r]} kvshelf hit", justify="right")
+    rows: dict[tuple[str, str], dict[int, Measurement]] = {}
+    for m in measurements:
+        rows.setdefault((m.model, m.request_type), {})[m.round] = m
+    for (model, request), by_round in rows.items():
+        first = next(iter(by_round.values()))
+        cells = [*([model] if models else []), request,
+                 *([first.media or "-"] if show_media else []), _int(first.prompt_tokens)]
+        for r in rounds:
+            m = by_round.get(r)
+            cells.append(format_seconds(m.ttft_s if m else None))
+            if hits:
+                cells.append(_hit(m))
+        table.add_row(*cells)
+    totals = [*([""] if models else []), "total (one request at a time)", *([""] * len(media)),
+              ""]
+    for r in rounds:
+        totals.append(format_seconds(sum(m.total_s for m in measurements if m.round == r)))
+        if hits:
+            totals.append("")
+    table.add_row(*totals, style="bold")
+    return table
+
+
+def _hit(m: Measurement | None) -> str:
+    if m is None or m.hit_tokens is None:
+        return "-"
+    if not m.hit_tokens or m.load_tokens is None:
+        return _int(m.hit_tokens)
+    return f"{m.hit_tokens:,} ({m.load_tokens:,} loaded)"
+
+
 def write_json(path: str | os.PathLike[str], measurements: Sequence[Measurement],
                meta: Mapping[str, Any]) -> Path:
     """``{meta..., "summary": [...], "requests": [...]}``, written atomically."""
@@ -124,15 +173,19 @@ def plot_ttft(path: str | os.PathLike[str], measurements: Sequence[Measurement],
     for m in measurements:
         groups.setdefault(m.request_type, []).append(m)
     num = max(len(groups), 1)
-    fig, axes = plt.subplots(1, num, figsize=(3.2 * num + 1.0, 4.2), squeeze=False)
-    for ax, (request_type, group) in zip(axes[0], groups.items()):
+    cols = min(num, _PANELS_PER_ROW)
+    rows = -(-num // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols + 1.0, 4.2 * rows), squeeze=False)
+    for ax, (request_type, group) in zip(axes.flat, groups.items()):
         _panel(ax, request_type, group)
+    for ax in list(axes.flat)[num:]:
+        ax.set_visible(False)
     phases = [p for p in (COLD, WARM) if any(m.phase == p for m in measurements)]
     fig.legend(handles=[Patch(color=_COLOURS[p], label=phase_labels.get(p, p)) for p in phases],
                loc="upper right", fontsize=9, frameon=False)
     fig.suptitle(f"{title}\n(time to first token; lower is better)", x=0.01, ha="left",
                  fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 0.92))
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.08 / rows))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

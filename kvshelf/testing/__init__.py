@@ -9,6 +9,7 @@ from importlib import import_module
 _WHERE = {
     "MEDIA": "media",
     "make_media": "media",
+    "make_page_media": "media",
     "mime_type": "media",
     "FAMILIES": "models",
     "FAMILY_MODALITIES": "models",

@@ -74,23 +74,26 @@ def wav_bytes(frequencies_hz: tuple[float, ...], duration_s: float) -> bytes:
     return buf.getvalue()
 
 
-def mp4_bytes(seed: int, num_frames: int = 16, fps: int = 8, size_px: int = 224) -> bytes:
-    """An MP4 (mpeg4) clip of a white box sliding over a changing background."""
+def mp4_bytes(seed: int, num_frames: int = 16, fps: int = 8, size_px: int = 224,
+              height_px: int | None = None) -> bytes:
+    """An MP4 (mpeg4) clip of a white box sliding over a changing background; square
+    unless ``height_px`` is given."""
     import cv2
 
     rng = np.random.RandomState(seed)
     base = rng.randint(0, 200, 3)
+    width, height = size_px, height_px or size_px
     # OpenCV writes only to a path; the clip goes through a temp file.
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "clip.mp4")
-        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (size_px, size_px))
+        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
         if not writer.isOpened():
             raise RuntimeError("OpenCV cannot write MP4 (mp4v); is its FFmpeg backend present?")
         for i in range(num_frames):
-            frame = np.zeros((size_px, size_px, 3), np.uint8)
+            frame = np.zeros((height, width, 3), np.uint8)
             frame[:, :] = base
             frame[:, :, i % 3] = (40 + 12 * i + int(base[i % 3])) % 256
-            x0 = 10 + 8 * i
+            x0 = 10 + (8 * i) % max(1, width - 70)
             cv2.rectangle(frame, (x0, 20), (x0 + 50, 90), (255, 255, 255), -1)
             writer.write(frame)
         writer.release()
@@ -111,15 +114,39 @@ MEDIA: dict[str, tuple[str, Callable[[], bytes]]] = {
 }
 
 
+# Stand-ins for the media of the multimodal client LMCache's page runs, of similar sizes,
+# for hosts that cannot download the originals: a 2560-px photo (single-image), two
+# photos (multi-image), a 15-s 1280x720 clip at 24 fps (video) and two audio clips.
+PAGE_MEDIA: dict[str, tuple[str, Callable[[], bytes]]] = {
+    "boardwalk": ("boardwalk.jpg", lambda: image_bytes(11, 2560, 1707, fmt="JPEG")),
+    "duck": ("duck.jpg", lambda: image_bytes(12, 1600, 1200, fmt="JPEG")),
+    "lion": ("lion.jpg", lambda: image_bytes(13, 1600, 1067, fmt="JPEG")),
+    "video": ("video.mp4", lambda: mp4_bytes(14, num_frames=360, fps=24, size_px=1280,
+                                             height_px=720)),
+    "audio": ("audio.wav", lambda: wav_bytes((220.0, 660.0, 1500.0), 10.0)),
+    "audio_2": ("audio_2.wav", lambda: wav_bytes((300.0, 1200.0), 20.0)),
+}
+
+
+def make_page_media(out_dir: str | os.PathLike[str]) -> dict[str, Path]:
+    """Write the stand-ins for the page client's media (PAGE_MEDIA) into `out_dir`."""
+    return _make(out_dir, PAGE_MEDIA)
+
+
 def make_media(out_dir: str | os.PathLike[str]) -> dict[str, Path]:
     """Write every test medium into `out_dir` (created if needed); returns name -> path.
 
     Names: image_a..image_d (PNG/JPEG), audio_a/audio_b (WAV), video_a/video_b (MP4).
     """
+    return _make(out_dir, MEDIA)
+
+
+def _make(out_dir: str | os.PathLike[str],
+          media: dict[str, tuple[str, Callable[[], bytes]]]) -> dict[str, Path]:
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
-    for name, (file_name, generate) in MEDIA.items():
+    for name, (file_name, generate) in media.items():
         path = out / file_name
         _write_if_changed(path, generate())
         paths[name] = path

@@ -1,13 +1,12 @@
 """Tiny multimodal model directories that vLLM (CPU build) serves offline.
 
 Each directory holds a config, a locally trained tokenizer and processor configs and, by
-default, a `model.safetensors` of seeded random weights (normal, std 0.02; norms at 1).
-
-Why real weights: vLLM's `--load-format dummy` fills every tensor, norms included, with
-uniform values in +-1e-3, which makes the logits uniform: every prompt gives the same greedy
-output, so comparing outputs could never catch a wrong KV cache. `dummy_weights=True` still
+default, a `model.safetensors` of seeded random weights (normal, std 0.02; norms at 1; see
+kvshelf.testing.checkpoints for why not vLLM's dummy weights). `dummy_weights=True` still
 builds a config-only dir (no weight file; served with `--load-format dummy`) for benchmarks
-and start-up tests, where the outputs do not matter.
+and start-up tests, where the outputs do not matter. The four models of LMCache's
+multimodal page (LLaVA-1.5, Phi-3.5-vision, LLaVA-OneVision, Ultravox) are written by
+kvshelf.testing.reference_models.
 
 `build_model` writes into a temporary sibling directory and renames it into place after
 writing a marker file last, so a directory that has the marker is complete.
@@ -18,11 +17,22 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from kvshelf.testing import reference_models as reference
+from kvshelf.testing.checkpoints import (
+    INIT_STD,
+    SIZES,
+    Shapes,
+    SizePreset,
+    meta_shapes,
+    pad_vocab_size,
+    write_json,
+    write_random_checkpoint,
+)
 from kvshelf.testing.tokenizer import build_tokenizer
 
 MARKER_NAME = "kvshelf_build.json"
@@ -31,30 +41,6 @@ BUILD_FORMAT_VERSION = 3
 
 DTYPES: tuple[str, ...] = ("bfloat16", "float32")  # both verified on the CPU backend
 
-
-@dataclass(frozen=True)
-class SizePreset:
-    """Shape of the language model; the vision/audio towers stay tiny at every size."""
-
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-
-# vLLM's CPU attention supports head sizes of 32 and up, hence xs has 4 heads of 32.
-SIZES: dict[str, SizePreset] = {
-    "xs": SizePreset(128, 256, 2, 4, 2),
-    "s": SizePreset(256, 512, 4, 4, 2),
-    "m": SizePreset(512, 1536, 8, 8, 4),
-    "l": SizePreset(1024, 2816, 12, 16, 4),
-    "xl": SizePreset(1536, 4096, 16, 16, 4),
-}
 
 # Modalities each family accepts, in the names vLLM uses.
 FAMILY_MODALITIES: dict[str, tuple[str, ...]] = {
@@ -67,6 +53,8 @@ FAMILY_MODALITIES: dict[str, tuple[str, ...]] = {
     "granite_hybrid": (),
     "qwen3_5": (),
     "gemma3_mm": ("image",),  # Gemma 3 with its SigLIP vision tower
+    # LMCache's multimodal page: LLaVA-1.5, Phi-3.5-vision, LLaVA-OneVision, Ultravox.
+    **reference.MODALITIES,
 }
 FAMILIES: tuple[str, ...] = tuple(FAMILY_MODALITIES)
 
@@ -79,6 +67,7 @@ FAMILY_REQUEST_TYPES: dict[str, tuple[str, ...]] = {
     "granite_hybrid": ("text-only",),
     "qwen3_5": ("text-only",),
     "gemma3_mm": ("text-only", "single-image", "multi-image"),
+    **reference.REQUEST_TYPES,
 }
 
 # Ovis2.5 profiles with 1792x1792 dummy images (3,136 tokens each) and as many video frames as
@@ -104,16 +93,15 @@ _SERVE_ARGS: dict[str, tuple[str, ...]] = {
         "--limit-mm-per-prompt", json.dumps(_OVIS_LIMIT_MM),
         "--media-io-kwargs", json.dumps(_OVIS_MEDIA_IO),
     ),
+    **reference.SERVE_ARGS,  # the page's flags
 }
 
 WEIGHTS_FILE = "model.safetensors"
-_INIT_STD = 0.02
 # Families whose outputs must show what a layer's past holds: with std 0.02 each layer adds
 # so little to the residual stream that the last token's embedding decides the logits,
 # and a wrong recurrent state or window would go unseen. Larger weights make every
 # layer count (checked: a zeroed state then changes the first token's logprobs).
 _FAMILY_INIT_STD = {"gemma3": 0.1, "gemma3_mm": 0.1, "granite_hybrid": 0.1, "qwen3_5": 0.1}
-_INIT_SEED = 0
 
 
 def serve_args(family: str, *, dtype: str | None = None, dummy_weights: bool = False) -> list[str]:
@@ -157,9 +145,9 @@ def build_model(family: str, out_dir: str | os.PathLike[str], size: str = "m", *
     try:
         checkpoint_shapes = _WRITERS[family](tmp, SIZES[size], dtype)
         if not dummy_weights:
-            std = _FAMILY_INIT_STD.get(family, _INIT_STD)
-            _write_random_checkpoint(tmp / WEIGHTS_FILE, checkpoint_shapes, std)
-        _write_json(tmp / MARKER_NAME, params)
+            std = _FAMILY_INIT_STD.get(family, INIT_STD)
+            write_random_checkpoint(tmp / WEIGHTS_FILE, checkpoint_shapes, std)
+        write_json(tmp / MARKER_NAME, params)
         _move_into_place(tmp, out, params)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -222,71 +210,6 @@ def _move_into_place(tmp: Path, out: Path, params: dict[str, Any]) -> None:
     os.replace(tmp, out)
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-
-
-def _pad_vocab_size(num_tokens: int, multiple: int = 64) -> int:
-    return -(-num_tokens // multiple) * multiple
-
-
-# --- Random checkpoints ------------------------------------------------------------------------
-
-Shapes = dict[str, tuple[int, ...]]
-# (old prefix, new prefix or None to drop), first match wins.
-Renames = Sequence[tuple[str, str | None]]
-
-
-def _meta_shapes(model_class: Any, config: Any, renames: Renames = ()) -> Shapes:
-    """Tensor names (renamed to vLLM's) and shapes of a transformers model.
-
-    Built on the meta device: no memory, no init. Names come from transformers because vLLM's
-    loaders accept the Hugging Face checkpoint layout, but transformers 5 nests some
-    multimodal models differently from the published checkpoints, hence `renames`.
-    """
-    import torch
-
-    with torch.device("meta"):
-        model = model_class(config)
-    shapes: Shapes = {}
-    for name, tensor in model.state_dict().items():
-        new_name = _rename(name, renames)
-        if new_name is not None:
-            shapes[new_name] = tuple(tensor.shape)
-    return shapes
-
-
-def _rename(name: str, renames: Renames) -> str | None:
-    for old, new in renames:
-        if name.startswith(old):
-            return None if new is None else new + name[len(old):]
-    return name
-
-
-def _write_random_checkpoint(path: Path, shapes: Shapes, std: float = _INIT_STD) -> None:
-    """Seeded random tensors, stored as bfloat16, in one safetensors file.
-
-    Matrices ~ N(0, std); 1-D weights are norm scales (every matrix, embedding and conv here
-    is >= 2-D) and start at 1; biases at 0. Names are drawn in sorted order, so the same torch
-    gives the same bytes.
-    """
-    import torch
-    from safetensors.torch import save_file
-
-    generator = torch.Generator().manual_seed(_INIT_SEED)
-    tensors = {}
-    for name in sorted(shapes):
-        shape = shapes[name]
-        if len(shape) > 1:
-            tensor = torch.empty(shape).normal_(0.0, std, generator=generator)
-        elif name.endswith(".weight"):
-            tensor = torch.ones(shape)
-        else:
-            tensor = torch.zeros(shape)
-        tensors[name] = tensor.to(torch.bfloat16)
-    save_file(tensors, str(path), metadata={"format": "pt"})
-
-
 # --- Qwen2-Audio: Qwen2 LM + Whisper-style audio encoder --------------------------------------
 
 def _write_qwen2_audio(out: Path, preset: SizePreset, dtype: str) -> Shapes:
@@ -314,7 +237,7 @@ def _write_qwen2_audio(out: Path, preset: SizePreset, dtype: str) -> Shapes:
     encoder = Qwen2AudioEncoderConfig(num_mel_bins=128, encoder_layers=2, encoder_attention_heads=4,
                                       encoder_ffn_dim=128, d_model=64, max_source_positions=1500)
     text = Qwen2Config(
-        vocab_size=_pad_vocab_size(len(tokenizer)), hidden_size=preset.hidden_size,
+        vocab_size=pad_vocab_size(len(tokenizer)), hidden_size=preset.hidden_size,
         intermediate_size=preset.intermediate_size, num_hidden_layers=preset.num_layers,
         num_attention_heads=preset.num_heads, num_key_value_heads=preset.num_kv_heads,
         max_position_embeddings=8192, tie_word_embeddings=True,
@@ -330,7 +253,7 @@ def _write_qwen2_audio(out: Path, preset: SizePreset, dtype: str) -> Shapes:
     tokenizer.save_pretrained(out)
     # Published layout: audio_tower.*, multi_modal_projector.*, language_model.model.*; the
     # LM head is tied to the embeddings.
-    return _meta_shapes(Qwen2AudioForConditionalGeneration, config, [
+    return meta_shapes(Qwen2AudioForConditionalGeneration, config, [
         ("lm_head.", None), ("model.language_model.", "language_model.model."), ("model.", ""),
     ])
 
@@ -380,7 +303,7 @@ def _write_idefics3(out: Path, preset: SizePreset, dtype: str) -> Shapes:
                                   num_attention_heads=4, image_size=_IDEFICS3_TILE_PX,
                                   patch_size=_IDEFICS3_PATCH_PX)
     text = LlamaConfig(
-        vocab_size=_pad_vocab_size(len(tokenizer)), hidden_size=preset.hidden_size,
+        vocab_size=pad_vocab_size(len(tokenizer)), hidden_size=preset.hidden_size,
         intermediate_size=preset.intermediate_size, num_hidden_layers=preset.num_layers,
         num_attention_heads=preset.num_heads, num_key_value_heads=preset.num_kv_heads,
         max_position_embeddings=8192, bos_token_id=tokenizer.bos_token_id,
@@ -395,7 +318,7 @@ def _write_idefics3(out: Path, preset: SizePreset, dtype: str) -> Shapes:
     config.save_pretrained(out)
     processor.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return _meta_shapes(Idefics3ForConditionalGeneration, config)  # untied LM head
+    return meta_shapes(Idefics3ForConditionalGeneration, config)  # untied LM head
 
 
 # --- Ovis2.5: Qwen3 LM + SigLIP2-NaViT visual tokenizer (config class is remote code) ----------
@@ -464,8 +387,8 @@ def _write_ovis2_5(out: Path, preset: SizePreset, dtype: str) -> Shapes:
         "hidden_size": preset.hidden_size, "visual_vocab_size": 516, "dtype": dtype,
         "llm_config": llm_config, "vit_config": vit_config,
     }
-    _write_json(out / "config.json", config)
-    _write_json(out / "generation_config.json", {"bos_token_id": 151643, "eos_token_id": 151645})
+    write_json(out / "config.json", config)
+    write_json(out / "generation_config.json", {"bos_token_id": 151643, "eos_token_id": 151645})
     shutil.copyfile(_OVIS_CONFIG_FILE, out / _OVIS_CONFIG_FILE.name)
     return _ovis2_5_shapes(llm_config, vit_config, config["visual_vocab_size"])
 
@@ -484,9 +407,9 @@ def _ovis2_5_shapes(llm_config: dict[str, Any], vit_config: dict[str, Any],
     llm = Qwen3Config(**{k: v for k, v in llm_config.items() if k not in skip})
     vit = SiglipVisionConfig(**{k: v for k, v in vit_config.items() if k not in skip},
                              vision_use_head=False)
-    shapes = _meta_shapes(Qwen3ForCausalLM, llm, [("lm_head.", None), ("model.", "llm.model.")])
+    shapes = meta_shapes(Qwen3ForCausalLM, llm, [("lm_head.", None), ("model.", "llm.model.")])
     vit_prefix = "visual_tokenizer.vit.vision_model."
-    shapes |= _meta_shapes(SiglipVisionModel, vit, [("vision_model.", vit_prefix), ("", vit_prefix)])
+    shapes |= meta_shapes(SiglipVisionModel, vit, [("vision_model.", vit_prefix), ("", vit_prefix)])
     head_size = visual_vocab_size - 4  # the last 4 visual tokens are the indicators
     vit_out = vit_config["hidden_size"] * vit_config["hidden_stride"] ** 2
     shapes["visual_tokenizer.head.0.weight"] = (head_size, vit_out)
@@ -515,7 +438,7 @@ def chatml_tokenizer():
 
 def _common_text(tokenizer, preset: SizePreset, dtype: str) -> dict[str, Any]:
     return {
-        "vocab_size": _pad_vocab_size(len(tokenizer)), "hidden_size": preset.hidden_size,
+        "vocab_size": pad_vocab_size(len(tokenizer)), "hidden_size": preset.hidden_size,
         "intermediate_size": preset.intermediate_size, "num_attention_heads": preset.num_heads,
         "num_key_value_heads": preset.num_kv_heads, "max_position_embeddings": 8192, "dtype": dtype,
         "bos_token_id": tokenizer.eos_token_id, "eos_token_id": tokenizer.eos_token_id,
@@ -531,7 +454,7 @@ def _alternating(num_layers: int, local: str, other: str) -> list[str]:
 def _save_text_model(out: Path, config: Any, tokenizer, model_class: Any) -> Shapes:
     config.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return _meta_shapes(model_class, config, [("lm_head.", None)] if config.tie_word_embeddings
+    return meta_shapes(model_class, config, [("lm_head.", None)] if config.tie_word_embeddings
                         else ())
 
 
@@ -546,7 +469,7 @@ def write_gemma3_text(out: Path, text: dict[str, Any], dtype: str, weights: bool
     num_layers = text.pop("num_hidden_layers")
     layers = ["full_attention" if (i + 1) % every == 0 else "sliding_attention"
               for i in range(num_layers)]
-    common = {"vocab_size": _pad_vocab_size(len(tokenizer)), "max_position_embeddings": 40960,
+    common = {"vocab_size": pad_vocab_size(len(tokenizer)), "max_position_embeddings": 40960,
                   "dtype": dtype, "bos_token_id": tokenizer.eos_token_id,
                   "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     config = Gemma3TextConfig(**common, **text, num_hidden_layers=num_layers, layer_types=layers,
@@ -554,7 +477,7 @@ def write_gemma3_text(out: Path, text: dict[str, Any], dtype: str, weights: bool
     config.architectures = ["Gemma3ForCausalLM"]
     config.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return _meta_shapes(Gemma3ForCausalLM, config, [("lm_head.", None)]) if weights else {}
+    return meta_shapes(Gemma3ForCausalLM, config, [("lm_head.", None)]) if weights else {}
 
 
 def _write_gemma3(out: Path, preset: SizePreset, dtype: str) -> Shapes:
@@ -618,7 +541,7 @@ def _write_gemma3_mm(out: Path, preset: SizePreset, dtype: str) -> Shapes:
     processor.save_pretrained(out)
     tokenizer.save_pretrained(out)
     # Published checkpoints nest the tower as SigLIP's vision_model; transformers 5 does not.
-    return _meta_shapes(Gemma3ForConditionalGeneration, config, [
+    return meta_shapes(Gemma3ForConditionalGeneration, config, [
         ("lm_head.", None), ("model.vision_tower.", "model.vision_tower.vision_model.")])
 
 
@@ -689,7 +612,7 @@ def write_qwen3_5_vl(out: Path, text: dict[str, Any], vision: dict[str, Any], dt
         tokenizer=tokenizer, chat_template=_QWEN_VL_TEMPLATE,
     )
     text_config = dict(
-        vocab_size=_pad_vocab_size(len(tokenizer)), max_position_embeddings=40960, dtype=dtype,
+        vocab_size=pad_vocab_size(len(tokenizer)), max_position_embeddings=40960, dtype=dtype,
         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, **text,
     )
@@ -712,4 +635,5 @@ _WRITERS: dict[str, Callable[[Path, SizePreset, str], Shapes]] = {
     "granite_hybrid": _write_granite_hybrid,
     "qwen3_5": _write_qwen3_5,
     "gemma3_mm": _write_gemma3_mm,
+    **reference.tiny_writers(),
 }

@@ -85,6 +85,7 @@ class WorkerSide:
         if self.groups is not None and self.groups.unsupported:
             return  # the connector said so at start; serving goes on uncached
         self.block_size = cache_config.block_size
+        _allow_amx(kv_caches)
         if self.groups is None or self.groups.uniform:
             found = self._uniform_cache(kv_caches, num_blocks, backend)
         else:
@@ -502,6 +503,16 @@ def _buffer(entry: Entry):
     """The pinned tensor behind an entry when there is one, else its memoryview."""
     handle = getattr(entry.owner, "handle", None)
     return handle if isinstance(handle, torch.Tensor) else entry.payload
+
+
+def _allow_amx(kv_caches: dict[str, torch.Tensor]) -> None:
+    """On a CPU, ask Linux for AMX tile state now. vLLM-CPU's bf16 attention kernel uses
+    AMX, and a worker whose first attention reads KV kvshelf loaded (a hit right after a
+    restart) otherwise dies with an illegal instruction."""
+    first = next(iter(kv_caches.values()), None)
+    init = getattr(getattr(torch._C, "_cpu", None), "_init_amx", None)
+    if isinstance(first, torch.Tensor) and first.device.type == "cpu" and init is not None:
+        init()
 
 
 def _block_range(chunk: Chunk, block_size: int) -> range:

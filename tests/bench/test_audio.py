@@ -61,3 +61,22 @@ def test_cli_a_rejected_type_asked_for_by_name_is_an_error(audio, capsys):
     code = main(["bench", "--url", audio.url, "--chat-type", "video"])
     assert code == 1
     assert "does not accept video input" in capsys.readouterr().err
+
+
+def test_reference_client_audio_sequence_hits_across_forms(audio):
+    # input_audio, then by URL, then base64 in a data: URL: one audio, one content hash.
+    from kvshelf.bench.logs import line_for, request_lines
+    from kvshelf.bench.reference import run_reference
+
+    settings = BenchSettings(url=audio.url, chat_types=["audio"], repeat=2, warmup=0,
+                             media=[str(audio.media["audio_b"])], max_tokens=2,
+                             cache_salt="reference-audio")
+    run = run_reference(settings)
+
+    assert [m.request_type for m in run.measurements] == [
+        "audio: input_audio", "audio: audio URL", "audio: audio base64"] * 2
+    lines = request_lines(audio.server.log_text())
+    hits = [line_for(lines, m.request_id).hit_tokens for m in run.measurements]
+    assert hits[0] == 0  # the first request of run 1 is cold
+    prompt = run.measurements[0].prompt_tokens
+    assert all(h == prompt for h in hits[1:]), hits  # every other request: a full hit

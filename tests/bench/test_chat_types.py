@@ -138,3 +138,22 @@ def test_cli_reports_a_rejected_modality(ovis, capsys):
     assert code == 1
     err = capsys.readouterr().err
     assert err.startswith("kvshelf bench: error: the server rejected the audio request")
+
+
+def test_reference_client_sequence_for_video_runs_twice_and_hits(ovis, tmp_path, capsys):
+    # The page's "run it twice": the video by URL (from the bench's own HTTP server) and
+    # base64-encoded, two runs; the log lines give kvshelf's hits.
+    code = main(["bench", "--url", ovis.url, "--reference-client", "--chat-type", "video",
+                 "--media", str(ovis.media["video_b"]), "--max-tokens", "2", "--server-log",
+                 str(ovis.server.log_path), "--json", str(tmp_path / "ref.json")])
+    assert code == 0
+    out = capsys.readouterr().out
+    for label in ("video: video URL", "video: video base64", "run 1 TTFT", "run 2 TTFT"):
+        assert label in out
+    requests = json.loads((tmp_path / "ref.json").read_text())["requests"]
+    assert [(r["request_type"], r["round"]) for r in requests] == [
+        ("video: video URL", 0), ("video: video base64", 0),
+        ("video: video URL", 1), ("video: video base64", 1)]
+    # The base64 request carries the URL request's video: one content hash, so from the
+    # second request on every prompt is found whole.
+    assert all(r["hit_tokens"] == r["prompt_tokens"] for r in requests[1:]), requests

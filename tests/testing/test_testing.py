@@ -209,7 +209,7 @@ def test_build_model_refuses_foreign_dirs_and_bad_arguments(tmp_path):
     with pytest.raises(FileExistsError, match="does not look like a model dir"):
         build_model("idefics3", tmp_path / "project", "xs")
     with pytest.raises(ValueError, match="unknown model family"):
-        build_model("llava", tmp_path / "x")
+        build_model("llama", tmp_path / "x")
     with pytest.raises(ValueError, match="unknown size"):
         build_model("idefics3", tmp_path / "x", "xxxl")
 
