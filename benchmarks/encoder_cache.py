@@ -92,18 +92,32 @@ def main() -> None:
 
 def measure(family: str, args: argparse.Namespace, media: dict) -> Row:
     request_type, name = CASES[family]
-    model = build_model(family, args.work / f"{family}-{args.size}", size=args.size,
-                        dtype=args.dtype)
+    model = build_model(
+        family, args.work / f"{family}-{args.size}", size=args.size, dtype=args.dtype
+    )
     disk = args.work / f"cache-{family}"
     shutil.rmtree(disk, ignore_errors=True)
-    ec = {"ec_connector": "KVShelfECConnector", "ec_role": "ec_both",
-          "ec_connector_extra_config": {"disk_path": str(disk)}}
+    ec = {
+        "ec_connector": "KVShelfECConnector",
+        "ec_role": "ec_both",
+        "ec_connector_extra_config": {"disk_path": str(disk)},
+    }
     server = VllmServer(
-        model, port=free_port(),
-        args=[*serve_args(family), "--served-model-name", "m", "--enforce-eager",
-              "--max-model-len", "4096", "--no-enable-prefix-caching",
-              "--ec-transfer-config", json.dumps(ec)],
-        env={"VLLM_SERVER_DEV_MODE": "1"}, log_path=args.work / f"server-{family}.log",
+        model,
+        port=free_port(),
+        args=[
+            *serve_args(family),
+            "--served-model-name",
+            "m",
+            "--enforce-eager",
+            "--max-model-len",
+            "4096",
+            "--no-enable-prefix-caching",
+            "--ec-transfer-config",
+            json.dumps(ec),
+        ],
+        env={"VLLM_SERVER_DEV_MODE": "1"},
+        log_path=args.work / f"server-{family}.log",
     )
     seeds = iter(range(10**6))
 
@@ -134,13 +148,19 @@ def measure(family: str, args: argparse.Namespace, media: dict) -> Row:
 
 
 def _print(rows: list[Row], args: argparse.Namespace) -> None:
-    print(f"\nsame media, new prefix: TTFT median of {args.rounds} "
-          f"(size {args.size}, {args.dtype}, {platform.processor() or platform.machine()})")
-    print(f"{'family':<12} {'modality':<8} {'prompt':>7} {'encoder runs':>13} "
-          f"{'encoder cache':>14} {'saving':>7} {'hits logged':>12}")
+    print(
+        f"\nsame media, new prefix: TTFT median of {args.rounds} "
+        f"(size {args.size}, {args.dtype}, {platform.processor() or platform.machine()})"
+    )
+    print(
+        f"{'family':<12} {'modality':<8} {'prompt':>7} {'encoder runs':>13} "
+        f"{'encoder cache':>14} {'saving':>7} {'hits logged':>12}"
+    )
     for r in rows:
-        print(f"{r.family:<12} {r.modality:<8} {r.prompt_tokens:>7} {r.runs_median_ms:>10.1f} ms"
-              f" {r.cached_median_ms:>11.1f} ms {r.saving:>7.0%} {r.hits_logged:>7}/{args.rounds}")
+        print(
+            f"{r.family:<12} {r.modality:<8} {r.prompt_tokens:>7} {r.runs_median_ms:>10.1f} ms"
+            f" {r.cached_median_ms:>11.1f} ms {r.saving:>7.0%} {r.hits_logged:>7}/{args.rounds}"
+        )
 
 
 def _plot(rows: list[Row], path: Path) -> None:
@@ -151,11 +171,13 @@ def _plot(rows: list[Row], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, r in enumerate(rows):
-        for k, (label, values) in enumerate([("encoder runs", r.runs_ms),
-                                            ("encoder cache", r.cached_ms)]):
+        for k, (label, values) in enumerate(
+            [("encoder runs", r.runs_ms), ("encoder cache", r.cached_ms)]
+        ):
             x = i + (k - 0.5) * 0.35
-            ax.bar(x, statistics.median(values), 0.35, color=f"C{k}",
-                   label=label if i == 0 else None)
+            ax.bar(
+                x, statistics.median(values), 0.35, color=f"C{k}", label=label if i == 0 else None
+            )
             ax.scatter([x] * len(values), values, color="k", s=6, zorder=3)
     ax.set_xticks(range(len(rows)), [f"{r.family}\n{r.modality}" for r in rows])
     ax.set_ylabel("TTFT, ms (bars: median; dots: rounds)")
@@ -172,8 +194,12 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--size", default="xs", help="model size preset (kvshelf.testing)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--history-words", type=int, default=300,
-                        help="words of chat history before the media (about one token each)")
+    parser.add_argument(
+        "--history-words",
+        type=int,
+        default=300,
+        help="words of chat history before the media (about one token each)",
+    )
     parser.add_argument("--work", type=Path, default=Path(".work/bench-encoder-cache"))
     parser.add_argument("--out", type=Path, default=Path("out/encoder_cache.json"))
     return parser.parse_args()

@@ -62,14 +62,23 @@ def prompts(media: dict, count: int) -> list[list[dict]]:
     for i in range(count):
         kind = ("text-only", "single-image")[i % 2]
         names = [("image_a", "image_b")[i // 2 % 2]] if kind == "single-image" else []
-        out.append(build_messages(kind, media, media_names=names, text=f"Question {i}?",
-                                  filler_tokens=300 + 97 * i % 500, filler_seed=i))
+        out.append(
+            build_messages(
+                kind,
+                media,
+                media_names=names,
+                text=f"Question {i}?",
+                filler_tokens=300 + 97 * i % 500,
+                filler_seed=i,
+            )
+        )
     return out
 
 
 def ask(server: VllmServer, messages: list[dict], max_tokens: int) -> Answer:
-    body = chat_request("m", messages, max_tokens=max_tokens, logprobs=True, top_logprobs=5,
-                        ignore_eos=True)
+    body = chat_request(
+        "m", messages, max_tokens=max_tokens, logprobs=True, top_logprobs=5, ignore_eos=True
+    )
     reply = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=300)
     reply.raise_for_status()
     data = reply.json()
@@ -83,21 +92,39 @@ def hits(log: str) -> list[int]:
     return [int(line.split(marker)[1].split(",")[0]) for line in log.splitlines() if marker in line]
 
 
-def run_storage(model: Path, work: Path, storage: str, asked: list[list[dict]], max_tokens: int,
-                dtype: str) -> tuple[list[Answer], list[Answer]]:
-    kv = {"chunk_size": 256, "cpu_bytes": 0, "disk_path": str(work / storage),
-          "kv_storage_dtype": storage}
-    args = [*serve_args("idefics3", dtype=dtype), "--served-model-name", "m", "--enforce-eager",
-            "--max-model-len", "4096", "--no-enable-prefix-caching", "--kv-transfer-config",
-            json.dumps({"kv_connector": "KVShelfConnector", "kv_role": "kv_both",
-                        "kv_connector_extra_config": kv})]
+def run_storage(
+    model: Path, work: Path, storage: str, asked: list[list[dict]], max_tokens: int, dtype: str
+) -> tuple[list[Answer], list[Answer]]:
+    kv = {
+        "chunk_size": 256,
+        "cpu_bytes": 0,
+        "disk_path": str(work / storage),
+        "kv_storage_dtype": storage,
+    }
+    args = [
+        *serve_args("idefics3", dtype=dtype),
+        "--served-model-name",
+        "m",
+        "--enforce-eager",
+        "--max-model-len",
+        "4096",
+        "--no-enable-prefix-caching",
+        "--kv-transfer-config",
+        json.dumps(
+            {
+                "kv_connector": "KVShelfConnector",
+                "kv_role": "kv_both",
+                "kv_connector_extra_config": kv,
+            }
+        ),
+    ]
     server = VllmServer(model, port=free_port(), args=args, log_path=work / f"{storage}.log")
     with server:
         cold = [ask(server, m, max_tokens) for m in asked]
         time.sleep(2)  # let the last saves reach the disk
         server.restart()
         warm = [ask(server, m, max_tokens) for m in asked]
-        for answer, hit in zip(warm, hits(server.log_text())[-len(asked):]):
+        for answer, hit in zip(warm, hits(server.log_text())[-len(asked) :]):
             answer.hit_tokens = hit
     return cold, warm
 
@@ -137,18 +164,33 @@ def main() -> None:
             cold, warm = run_storage(model, work, storage, asked, args.max_tokens, args.dtype)
             row, drifts[storage] = compare(storage, cold, warm)
             rows.append(row)
-    print(f"idefics3 xs {args.dtype}, {args.prompts} prompts, {args.max_tokens} greedy tokens; "
-          "warm (loaded from entries) against cold (computed)")
-    print(f"{'storage':<10} {'hits':>6} {'1st agree':>10} {'all agree':>10} "
-          f"{'drift med':>10} {'p95':>8} {'max':>8}")
+    print(
+        f"idefics3 xs {args.dtype}, {args.prompts} prompts, {args.max_tokens} greedy tokens; "
+        "warm (loaded from entries) against cold (computed)"
+    )
+    print(
+        f"{'storage':<10} {'hits':>6} {'1st agree':>10} {'all agree':>10} "
+        f"{'drift med':>10} {'p95':>8} {'max':>8}"
+    )
     for r in rows:
-        print(f"{r.storage:<10} {r.warm_hits:>3}/{r.prompts:<2} {r.first_token_agree:>10.0%} "
-              f"{r.all_tokens_agree:>10.0%} {r.drift_median:>10.4f} {r.drift_p95:>8.4f} "
-              f"{r.drift_max:>8.4f}")
+        print(
+            f"{r.storage:<10} {r.warm_hits:>3}/{r.prompts:<2} {r.first_token_agree:>10.0%} "
+            f"{r.all_tokens_agree:>10.0%} {r.drift_median:>10.4f} {r.drift_p95:>8.4f} "
+            f"{r.drift_max:>8.4f}"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"dtype": args.dtype, "max_tokens": args.max_tokens,
-                               "rows": [asdict(r) for r in rows], "drifts": drifts}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "dtype": args.dtype,
+                "max_tokens": args.max_tokens,
+                "rows": [asdict(r) for r in rows],
+                "drifts": drifts,
+            },
+            indent=2,
+        )
+    )
     _plot(drifts, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 

@@ -62,9 +62,14 @@ class TierStats:
         return sum(n.bytes for n in self.namespaces)
 
     def as_dict(self) -> dict:
-        return {"target": self.target, "tier": self.tier, "entries": self.entries,
-                "bytes": self.bytes, "stray": self.stray,
-                "namespaces": [vars(n) for n in self.namespaces]}
+        return {
+            "target": self.target,
+            "tier": self.tier,
+            "entries": self.entries,
+            "bytes": self.bytes,
+            "stray": self.stray,
+            "namespaces": [vars(n) for n in self.namespaces],
+        }
 
 
 @dataclass
@@ -102,8 +107,10 @@ def match_namespaces(prefixes: Sequence[str], present: Sequence[str], target: st
         if len(found) != 1:
             have = ", ".join(sorted(present)) or "none"
             how = "no" if not found else f"{len(found)}"
-            raise AdminError(f"--namespace {prefix!r} matches {how} namespaces in {target} "
-                             f"(have: {have}); give more of the id")
+            raise AdminError(
+                f"--namespace {prefix!r} matches {how} namespaces in {target} "
+                f"(have: {have}); give more of the id"
+            )
         chosen.append(found[0])
     return list(dict.fromkeys(chosen))
 
@@ -116,7 +123,7 @@ def _disk_stats(root: Path) -> TierStats:
     out = TierStats(str(root), "disk")
     for ns_dir in _namespace_dirs(root):
         ns = NamespaceStats(ns_dir.name, _description(ns_dir / NAMESPACE_FILE))
-        for path, info in _entry_files(ns_dir):
+        for _, info in _entry_files(ns_dir):
             ns.add(info.st_size, info.st_mtime)
         out.stray += sum(1 for _ in _temp_files(ns_dir))
         out.namespaces.append(ns)
@@ -227,8 +234,9 @@ def _redis_stats(url: str) -> TierStats:
     by_ns: dict[bytes, NamespaceStats] = {}
     now = time.time()
     for batch in _batches(heads):
-        replies = _pipeline(client, url, [c for _, _, k in batch for c in
-                                          (("GET", k), ("OBJECT", "IDLETIME", k))])
+        replies = _pipeline(
+            client, url, [c for _, _, k in batch for c in (("GET", k), ("OBJECT", "IDLETIME", k))]
+        )
         for (ns, _, _), raw, idle in zip(batch, replies[0::2], replies[1::2]):
             if not isinstance(raw, bytes):
                 continue  # gone meanwhile
@@ -249,8 +257,13 @@ def _redis_clear(url: str, prefixes: Sequence[str]) -> Cleared:
     patterns = [b"kvshelf:{*"]
     chosen: list[str] = []
     if prefixes:
-        present = sorted({m["ns"].decode() for k in _scan(client, url, b"kvshelf:{*")
-                          if (m := _REDIS_KEY.fullmatch(k)) is not None})
+        present = sorted(
+            {
+                m["ns"].decode()
+                for k in _scan(client, url, b"kvshelf:{*")
+                if (m := _REDIS_KEY.fullmatch(k)) is not None
+            }
+        )
         chosen = match_namespaces(prefixes, present, shown)
         patterns = [b"kvshelf:{" + ns.encode() + b":*" for ns in chosen]
     entries = keys = 0

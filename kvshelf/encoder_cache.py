@@ -76,7 +76,8 @@ class EncoderItem:
         texts = (self.identifier, self.modality, self.dtype, self.salt)
         counts = (self.num_embeds, self.width)
         well_typed = all(isinstance(t, str) for t in texts) and all(
-            type(n) is int and n < 2**32 for n in counts  # bool is an int: not here
+            type(n) is int and n < 2**32
+            for n in counts  # bool is an int: not here
         )
         if not well_typed:  # text from a lookup frame, not from vLLM
             raise UncacheableRequest(f"not an encoder item: {self!r}")
@@ -238,7 +239,11 @@ class EncoderLookup:
         if not _layout_matches(entry, item):
             logger.warning(
                 "encoder entry %s holds %s%s, expected %s%s; removed",
-                entry.key.hex(), entry.dtype, list(entry.shape), item.dtype, list(item.shape),
+                entry.key.hex(),
+                entry.dtype,
+                list(entry.shape),
+                item.dtype,
+                list(item.shape),
             )
             self.engine.release(owner)
             self.engine.store.delete([entry.key])

@@ -305,7 +305,9 @@ class CacheEngine:
             return None
         if block is None:
             block = self._heap.alloc(nbytes)
-        return Entry(self.key(chunk), chunk.check, chunk.num_tokens, dtype, shape, block.view, block)
+        return Entry(
+            self.key(chunk), chunk.check, chunk.num_tokens, dtype, shape, block.view, block
+        )
 
     def discard(self, entry: Entry) -> None:
         """Give back an entry from :meth:`new_entry` that will not be saved."""
@@ -371,11 +373,8 @@ class CacheEngine:
         with self._lock:
             stale = [owner for owner, hold in self._holds.items() if hold.deadline < now]
         for owner in stale:
-            logger.warning(
-                "releasing hold of %s after %.0f s", owner, self.config.hold_timeout_s
-            )
+            logger.warning("releasing hold of %s after %.0f s", owner, self.config.hold_timeout_s)
             self.release(owner)
-
 
 
 def _read_pace(path: Path | None) -> float | None:

@@ -23,9 +23,7 @@ class ChunkCost:
     rate: float | None  # bytes/s of the tier holding it (math.inf: memory); None: unknown
 
 
-def paying_prefix(
-    costs: Sequence[ChunkCost], seconds_per_token: float, whole: bool = False
-) -> int:
+def paying_prefix(costs: Sequence[ChunkCost], seconds_per_token: float, whole: bool = False) -> int:
     """How many leading chunks to read next. Where a chunk's tier speed is unknown,
     the answer stops after a probe of that tier (read it, then ask again). With
     ``whole`` the answer is all or nothing (a recurrent state must be reached)."""

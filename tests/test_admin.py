@@ -34,8 +34,9 @@ def namespace(model: str) -> Namespace:
 def fill_disk(root, model: str, num_prompts: int) -> CacheEngine:
     """Save ``num_prompts`` distinct 40-token prompts of ``model`` through the engine:
     2 full chunks each, plus a cut chunk at the prompt's end (8 tokens)."""
-    config = load_config({"chunk_size": CHUNK, "cpu_bytes": 0, "disk_path": str(root),
-                          "save_threads": 1}, environ={})
+    config = load_config(
+        {"chunk_size": CHUNK, "cpu_bytes": 0, "disk_path": str(root), "save_threads": 1}, environ={}
+    )
     engine = CacheEngine(config, namespace(model), spec)
     for seed in range(num_prompts):
         tokens = [(seed * 1000 + model.__hash__() % 7 + i) % 30000 for i in range(40)]
@@ -49,8 +50,9 @@ def fill_disk(root, model: str, num_prompts: int) -> CacheEngine:
 
 
 def entry_files(root) -> list[str]:
-    return sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files
-                  if f.endswith(".kv"))
+    return sorted(
+        os.path.join(d, f) for d, _, files in os.walk(root) for f in files if f.endswith(".kv")
+    )
 
 
 # -- disk ----------------------------------------------------------------------------------
@@ -76,8 +78,9 @@ def test_disk_stats_counts_what_the_engine_wrote(disk):
     assert by_model["model-a"].entries == 9 and by_model["model-b"].entries == 6
     assert by_model["model-a"].namespace == namespace("model-a").id().hex()
     # Sizes: a 256-byte header plus 16 bytes per token.
-    assert by_model["model-b"].bytes == 2 * (2 * (HEADER_BYTES + CHUNK * BYTES_PER_TOKEN)
-                                             + HEADER_BYTES + 8 * BYTES_PER_TOKEN)
+    assert by_model["model-b"].bytes == 2 * (
+        2 * (HEADER_BYTES + CHUNK * BYTES_PER_TOKEN) + HEADER_BYTES + 8 * BYTES_PER_TOKEN
+    )
     for ns in result.namespaces:
         assert ns.oldest is not None and ns.oldest <= ns.newest <= time.time() + 1
 
@@ -135,8 +138,14 @@ def remote_entry(seed: int, namespace_id: bytes, nbytes: int) -> Entry:
     chunk = hashlib.sha256(f"chunk {seed}".encode()).digest()
     check = hashlib.sha256(f"check {seed}".encode()).digest()
     payload = np.zeros(nbytes, dtype=np.uint8)
-    return Entry(StoreKey(namespace_id + chunk), check, CHUNK, "uint8", (nbytes,),
-                 memoryview(payload).cast("B"))
+    return Entry(
+        StoreKey(namespace_id + chunk),
+        check,
+        CHUNK,
+        "uint8",
+        (nbytes,),
+        memoryview(payload).cast("B"),
+    )
 
 
 @pytest.fixture

@@ -111,7 +111,9 @@ def test_local_cpu_false_disables_the_memory_tier(value):
 
 
 def test_local_cpu_true_keeps_the_budget():
-    assert load_config({"local_cpu": True, "max_local_cpu_size": 4}, environ={}).cpu_bytes == 4 * GIB
+    assert (
+        load_config({"local_cpu": True, "max_local_cpu_size": 4}, environ={}).cpu_bytes == 4 * GIB
+    )
     assert load_config({"local_cpu": True}, environ={}).cpu_bytes == KVShelfConfig().cpu_bytes
 
 

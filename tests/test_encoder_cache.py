@@ -77,7 +77,9 @@ def test_item_keys_are_stable_across_processes():
     body = (
         b"kvshelf/encoder-output/v1\x00"
         + struct.pack("<IIIIH", 8, 64, 6, 4, 7)
-        + b"tenant-1" + CAT.encode() + b"float32"
+        + b"tenant-1"
+        + CAT.encode()
+        + b"float32"
     )
     chunk = it.chunk()
     assert (chunk.start, chunk.end) == (0, 6)
@@ -215,7 +217,11 @@ def test_an_entry_of_another_layout_under_the_right_digest_is_refused(tmp_path):
     engine = make_engine(tmp_path, disk_path=None)
     it = item()
     wrong = Entry(
-        engine.key(it.chunk()), it.chunk().check, it.num_embeds, "float16", (it.num_embeds, 8),
+        engine.key(it.chunk()),
+        it.chunk().check,
+        it.num_embeds,
+        "float16",
+        (it.num_embeds, 8),
         memoryview(bytearray(it.num_embeds * 8 * 2)),
     )
     engine.save([wrong])
@@ -276,7 +282,9 @@ def test_a_miss_is_encoded_and_saved_a_hit_is_loaded():
     assert step.loads == [cat.owner()]
     assert step.saves == {DOG: dog.owner()}
     assert dict(b.counts) == {
-        ("lookups", "image"): 2, ("hits", "image"): 1, ("misses", "image"): 1,
+        ("lookups", "image"): 2,
+        ("hits", "image"): 1,
+        ("misses", "image"): 1,
     }
 
 

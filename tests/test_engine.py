@@ -452,6 +452,7 @@ def test_a_new_prompt_asks_about_few_keys(engine):
 
 # -- recurrent state (Mamba / linear attention) ------------------------------------------
 
+
 def state_lookup(engine: CacheEngine, plan: ChunkPlan, owner: str = "req") -> int:
     hit = engine.fetch_plan(plan, owner, needs_state=True)
     held = engine.held(owner)

@@ -14,7 +14,9 @@ from kvshelf.engine import CacheEngine
 from kvshelf.keys import MediaSpan, Namespace
 from kvshelf.lookup import PENDING, LookupClient, LookupServer, WorkerLookup
 
-SPEC = lambda n: ("uint8", (n, 4))
+
+def SPEC(n: int) -> tuple[str, tuple[int, ...]]:
+    return "uint8", (n, 4)
 
 
 def make_engine(tmp_path, **settings) -> CacheEngine:
@@ -67,7 +69,9 @@ def test_a_slow_read_is_pending_then_ready(tmp_path, monkeypatch):
     worker = WorkerLookup(engine, prefetch=True)
     gate = []
     real_fetch = engine.fetch_plan
-    monkeypatch.setattr(engine, "fetch_plan", lambda p, o, *a: gate.append(1) or real_fetch(p, o, *a))
+    monkeypatch.setattr(
+        engine, "fetch_plan", lambda p, o, *a: gate.append(1) or real_fetch(p, o, *a)
+    )
     first = worker.lookup("r", plan, wait_s=0.0)
     assert first in (PENDING, 64)
     assert worker.lookup("r", plan, wait_s=5.0) == 64

@@ -68,8 +68,13 @@ def big_spec(num_tokens: int) -> tuple[str, tuple[int, ...]]:
 @pytest.fixture
 def two_tiers(tmp_path):
     """A prompt of 12 chunks of 1 MiB saved to disk and then evicted from memory."""
-    settings = {"chunk_size": CHUNK, "cpu_bytes": 64 * CHUNK_BYTES, "save_threads": 1,
-                "disk_path": str(tmp_path / "disk"), "disk_bytes": 10**9}
+    settings = {
+        "chunk_size": CHUNK,
+        "cpu_bytes": 64 * CHUNK_BYTES,
+        "save_threads": 1,
+        "disk_path": str(tmp_path / "disk"),
+        "disk_bytes": 10**9,
+    }
     namespace = Namespace("test-model", "L1xH1xD4:uint8", 0, 1, CHUNK, FORMAT_VERSION)
     engine = CacheEngine(load_config(settings, environ={}), namespace, big_spec)
     plan = engine.plan(text(1, 12 * CHUNK))

@@ -30,6 +30,7 @@ def test_serving_imports_no_tooling():
         "print(' '.join(m for m in sys.modules if m.split('.')[0] in "
         f"{TOOLING!r} or m.startswith(('kvshelf.bench', 'kvshelf.testing', 'kvshelf.demo'))))\n"
     )
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                         check=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT
+    )
     assert out.stdout.strip() == ""

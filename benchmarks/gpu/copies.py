@@ -51,7 +51,11 @@ def link(repeats: int) -> list[dict]:
                 began = time.perf_counter()
                 for offset in range(0, total, size):
                     d, h = device[offset : offset + size], host[offset : offset + size]
-                    (d.copy_(h, non_blocking=True) if kind == "h2d" else h.copy_(d, non_blocking=True))
+                    (
+                        d.copy_(h, non_blocking=True)
+                        if kind == "h2d"
+                        else h.copy_(d, non_blocking=True)
+                    )
                 torch.cuda.synchronize()
                 rates.append(total / (time.perf_counter() - began) / 1e9)
             rows.append({"copy_bytes": size, "kind": kind, "gbps": statistics.median(rates)})
@@ -66,7 +70,9 @@ class Rig:
         self.needed = chunks * CHUNK // BLOCK
         num_blocks = 2 * self.needed + 64
         caches = {
-            f"layers.{i}": torch.randn(num_blocks, 2, BLOCK, heads, dim, dtype=torch.bfloat16, device="cuda")
+            f"layers.{i}": torch.randn(
+                num_blocks, 2, BLOCK, heads, dim, dtype=torch.bfloat16, device="cuda"
+            )
             for i in range(layers)
         }
         self.layout, self.raws = discover_layout(caches, num_blocks, BLOCK, "FLASH_ATTN")
@@ -75,7 +81,7 @@ class Rig:
         per_chunk = CHUNK // BLOCK
         copier = BlockCopier(self.layout, self.raws)
         self.payloads = []
-        for c in range(chunks):
+        for _ in range(chunks):
             buffer = torch.empty(per_chunk * copier.block_bytes, dtype=torch.uint8, pin_memory=True)
             self.payloads.append(copier.payload_view(buffer, CHUNK))
         self.nbytes = self.needed * copier.block_bytes
@@ -101,9 +107,15 @@ class Rig:
             enqueue.append(time.perf_counter() - began)
             done.wait_saved()
             rates.append(self.nbytes / (time.perf_counter() - began) / 1e9)
-        groups = copier.plan([(p, 0, self.blocks(self.source, 0)) for p in self.payloads[:1]], load=False)
-        return {"save_band_bytes": band_bytes, "save_layers": getattr(groups[0], "band", 1),
-                "save_gbps": statistics.median(rates), "enqueue_ms": statistics.median(enqueue) * 1e3}
+        groups = copier.plan(
+            [(p, 0, self.blocks(self.source, 0)) for p in self.payloads[:1]], load=False
+        )
+        return {
+            "save_band_bytes": band_bytes,
+            "save_layers": getattr(groups[0], "band", 1),
+            "save_gbps": statistics.median(rates),
+            "enqueue_ms": statistics.median(enqueue) * 1e3,
+        }
 
     def load(self, band_bytes: int, repeats: int) -> dict:
         copier = BlockCopier(self.layout, self.raws, band_bytes=band_bytes)
@@ -112,7 +124,9 @@ class Rig:
         for _ in range(repeats):
             for raw in self.raws:
                 raw[self.target] = 0
-            items = [LoadItem(p, 0, self.blocks(self.target, c)) for c, p in enumerate(self.payloads)]
+            items = [
+                LoadItem(p, 0, self.blocks(self.target, c)) for c, p in enumerate(self.payloads)
+            ]
             torch.cuda.synchronize()
             began = time.perf_counter()
             mover.load(items, None)  # no layer hooks: the compute stream waits for it all
@@ -122,10 +136,17 @@ class Rig:
             gpu.append(seconds)
             for raw in self.raws:
                 if not torch.equal(raw[self.target], raw[self.source]):
-                    raise AssertionError(f"band {band_bytes}: loaded blocks differ from the saved ones")
-        return {"band_bytes": band_bytes, "band_layers": copier.plan([(items[0].payload, 0, items[0].block_ids)], load=True)[0].band,
-                "gpu_gbps": self.nbytes / statistics.median(gpu) / 1e9,
-                "wall_gbps": self.nbytes / statistics.median(wall) / 1e9}
+                    raise AssertionError(
+                        f"band {band_bytes}: loaded blocks differ from the saved ones"
+                    )
+        return {
+            "band_bytes": band_bytes,
+            "band_layers": copier.plan([(items[0].payload, 0, items[0].block_ids)], load=True)[
+                0
+            ].band,
+            "gpu_gbps": self.nbytes / statistics.median(gpu) / 1e9,
+            "wall_gbps": self.nbytes / statistics.median(wall) / 1e9,
+        }
 
 
 def kvshelf_paths(repeats: int) -> tuple[list[dict], list[dict]]:
@@ -146,22 +167,38 @@ def report(link_rows: list[dict], save_rows: list[dict], kv_rows: list[dict], ou
     print(f"\n{torch.cuda.get_device_name()}: pinned copies, GB/s by copy size")
     print(f"{'copy':>9s} {'H2D':>7s} {'D2H':>7s}")
     for size in COPY_SIZES:
-        h2d, d2h = (next(r["gbps"] for r in link_rows if r["copy_bytes"] == size and r["kind"] == k)
-                    for k in ("h2d", "d2h"))
+        h2d, d2h = (
+            next(r["gbps"] for r in link_rows if r["copy_bytes"] == size and r["kind"] == k)
+            for k in ("h2d", "d2h")
+        )
         print(f"{size / MiB:7.2f}Mi {h2d:7.1f} {d2h:7.1f}")
     print("\nkvshelf saves (CudaMover), ~8.7K tokens, block ids scattered")
-    print(f"{'model':8s} {'GB':>5s} {'band':>7s} {'layers':>6s} {'GB/s':>6s} {'CPU ms to enqueue':>18s}")
+    print(
+        f"{'model':8s} {'GB':>5s} {'band':>7s} {'layers':>6s} {'GB/s':>6s} {'CPU ms to enqueue':>18s}"
+    )
     for r in save_rows:
-        print(f"{r['model']:8s} {r['bytes'] / 1e9:5.2f} {r['save_band_bytes'] / MiB:5.0f}Mi "
-              f"{r['save_layers']:6d} {r['save_gbps']:6.1f} {r['enqueue_ms']:18.2f}")
+        print(
+            f"{r['model']:8s} {r['bytes'] / 1e9:5.2f} {r['save_band_bytes'] / MiB:5.0f}Mi "
+            f"{r['save_layers']:6d} {r['save_gbps']:6.1f} {r['enqueue_ms']:18.2f}"
+        )
     print("\nkvshelf loads (CudaMover), same entries; every load checked byte for byte")
     print(f"{'model':8s} {'GB':>5s} {'band':>7s} {'layers':>6s} {'load GPU':>8s} {'load wall':>9s}")
     for r in kv_rows:
-        print(f"{r['model']:8s} {r['bytes'] / 1e9:5.2f} "
-              f"{r['band_bytes'] / MiB:5.0f}Mi {r['band_layers']:6d} {r['gpu_gbps']:8.1f} {r['wall_gbps']:9.1f}")
-    (out / "copies.json").write_text(json.dumps(
-        {"device": torch.cuda.get_device_name(), "link": link_rows, "saves": save_rows,
-         "loads": kv_rows}, indent=1))
+        print(
+            f"{r['model']:8s} {r['bytes'] / 1e9:5.2f} "
+            f"{r['band_bytes'] / MiB:5.0f}Mi {r['band_layers']:6d} {r['gpu_gbps']:8.1f} {r['wall_gbps']:9.1f}"
+        )
+    (out / "copies.json").write_text(
+        json.dumps(
+            {
+                "device": torch.cuda.get_device_name(),
+                "link": link_rows,
+                "saves": save_rows,
+                "loads": kv_rows,
+            },
+            indent=1,
+        )
+    )
     import matplotlib
 
     matplotlib.use("Agg")
@@ -170,7 +207,9 @@ def report(link_rows: list[dict], save_rows: list[dict], kv_rows: list[dict], ou
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for kind in ("h2d", "d2h"):
         chosen = [r for r in link_rows if r["kind"] == kind]
-        left.plot([r["copy_bytes"] / MiB for r in chosen], [r["gbps"] for r in chosen], "o-", label=kind)
+        left.plot(
+            [r["copy_bytes"] / MiB for r in chosen], [r["gbps"] for r in chosen], "o-", label=kind
+        )
     left.set_xscale("log")
     left.set_xlabel("bytes per copy (MiB)")
     left.set_ylabel("GB/s")
@@ -178,7 +217,12 @@ def report(link_rows: list[dict], save_rows: list[dict], kv_rows: list[dict], ou
     left.legend()
     for model in SHAPES:
         chosen = [r for r in kv_rows if r["model"] == model]
-        right.plot([r["band_bytes"] / MiB for r in chosen], [r["gpu_gbps"] for r in chosen], "o-", label=model)
+        right.plot(
+            [r["band_bytes"] / MiB for r in chosen],
+            [r["gpu_gbps"] for r in chosen],
+            "o-",
+            label=model,
+        )
     right.set_xscale("log")
     right.set_xlabel("band (MiB staged per entry and copy)")
     right.set_title("kvshelf load, GB/s")
@@ -188,7 +232,9 @@ def report(link_rows: list[dict], save_rows: list[dict], kv_rows: list[dict], ou
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)

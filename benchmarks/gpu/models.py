@@ -69,7 +69,9 @@ def words(num_words: int = 3000, seed: int = 0) -> list[str]:
     """Made-up words the tokenizer learns as single tokens."""
     rng = random.Random(seed)
     letters = "abcdefghijklmnopqrstuvwxyz"
-    return ["".join(rng.choice(letters) for _ in range(rng.randint(3, 8))) for _ in range(num_words)]
+    return [
+        "".join(rng.choice(letters) for _ in range(rng.randint(3, 8))) for _ in range(num_words)
+    ]
 
 
 def tokenizer(vocab: list[str]) -> PreTrainedTokenizerFast:
@@ -85,7 +87,11 @@ def tokenizer(vocab: list[str]) -> PreTrainedTokenizerFast:
     )
     tok.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
     )
     fast.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     fast.chat_template = TEMPLATE
@@ -102,15 +108,26 @@ def text_config(kind: str, tok: PreTrainedTokenizerFast):
     }
     if kind == "llava7b":
         return LlamaConfig(
-            vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-            num_attention_heads=32, num_key_value_heads=32,
-            architectures=["LlamaForCausalLM"], **common,
+            vocab_size=32064,
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            architectures=["LlamaForCausalLM"],
+            **common,
         )
     if kind == "gqa7b":
         return Qwen2Config(
-            vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-            num_attention_heads=28, num_key_value_heads=4, rope_theta=1000000.0,
-            architectures=["Qwen2ForCausalLM"], **common,
+            vocab_size=152064,
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            rope_theta=1000000.0,
+            architectures=["Qwen2ForCausalLM"],
+            **common,
         )
     raise ValueError(f"unknown model kind {kind!r}; use llava7b or gqa7b")
 
@@ -121,8 +138,14 @@ def build(out: Path, kind: str) -> Path:
     tok = tokenizer(vocab)
     image_token_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     vision = CLIPVisionConfig(
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-        image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu",
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+        hidden_act="quick_gelu",
     )
     config = LlavaConfig(
         vision_config=vision,
@@ -137,12 +160,17 @@ def build(out: Path, kind: str) -> Path:
     config.torch_dtype = "bfloat16"
     config.save_pretrained(out)
     images = CLIPImageProcessor(
-        size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
-        image_mean=[0.481, 0.458, 0.408], image_std=[0.269, 0.261, 0.276],
+        size={"shortest_edge": 336},
+        crop_size={"height": 336, "width": 336},
+        image_mean=[0.481, 0.458, 0.408],
+        image_std=[0.269, 0.261, 0.276],
     )
     processor = LlavaProcessor(
-        image_processor=images, tokenizer=tok, patch_size=14,
-        vision_feature_select_strategy="default", chat_template=TEMPLATE,
+        image_processor=images,
+        tokenizer=tok,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        chat_template=TEMPLATE,
         num_additional_image_tokens=1,
     )
     processor.save_pretrained(out)
@@ -158,13 +186,28 @@ def write_deepseek_v2(out: Path, dtype: str) -> None:
 
     tok = chatml_tokenizer()
     config = DeepseekV2Config(
-        vocab_size=-(-len(tok) // 64) * 64, hidden_size=2048, intermediate_size=10944,
-        moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16,
-        num_key_value_heads=16, n_shared_experts=2, n_routed_experts=64, num_experts_per_tok=6,
-        first_k_dense_replace=1, kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64,
-        qk_nope_head_dim=128, v_head_dim=128, max_position_embeddings=40960, dtype=dtype,
-        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+        vocab_size=-(-len(tok) // 64) * 64,
+        hidden_size=2048,
+        intermediate_size=10944,
+        moe_intermediate_size=1408,
+        num_hidden_layers=27,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        n_shared_experts=2,
+        n_routed_experts=64,
+        num_experts_per_tok=6,
+        first_k_dense_replace=1,
+        kv_lora_rank=512,
+        q_lora_rank=None,
+        qk_rope_head_dim=64,
+        qk_nope_head_dim=128,
+        v_head_dim=128,
+        max_position_embeddings=40960,
+        dtype=dtype,
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
     )
     config.architectures = ["DeepseekV2ForCausalLM"]
     config.save_pretrained(out)
@@ -175,8 +218,11 @@ def write_deepseek_v2(out: Path, dtype: str) -> None:
 # bundle lacks what vLLM's SM90 CuTe-DSL kernel needs); SimpleCPUOffloadConnector's GPU
 # cache sized (in its large hybrid blocks) so that two 8K prompts fit, not five.
 TEXT_MODELS = {
-    "qwen35_9b": {"text_only": True, "serve_args": ["--gdn-prefill-backend", "triton"],
-                  "offload_blocks": 200},
+    "qwen35_9b": {
+        "text_only": True,
+        "serve_args": ["--gdn-prefill-backend", "triton"],
+        "offload_blocks": 200,
+    },
     "gemma3_12b": {"text_only": True, "serve_args": [], "offload_blocks": 1400},
     "dsv2lite": {"text_only": True, "serve_args": [], "offload_blocks": 1400},
 }
@@ -192,11 +238,21 @@ def build_text(out: Path, kind: str) -> Path:
     elif kind == "dsv2lite":
         write_deepseek_v2(out, "bfloat16")
     else:
-        write_gemma3_text(out, {"hidden_size": 3840, "intermediate_size": 15360,
-                                "num_hidden_layers": 48, "num_attention_heads": 16,
-                                "num_key_value_heads": 8, "head_dim": 256,
-                                "sliding_window": 1024, "sliding_window_pattern": 6},
-                          "bfloat16", weights=False)
+        write_gemma3_text(
+            out,
+            {
+                "hidden_size": 3840,
+                "intermediate_size": 15360,
+                "num_hidden_layers": 48,
+                "num_attention_heads": 16,
+                "num_key_value_heads": 8,
+                "head_dim": 256,
+                "sliding_window": 1024,
+                "sliding_window_pattern": 6,
+            },
+            "bfloat16",
+            weights=False,
+        )
     # The tokenizer's corpus words are one token each: prompts of known length.
     (out / "words.txt").write_text("\n".join(CORPUS_WORDS))
     (out / "bench.json").write_text(json.dumps(TEXT_MODELS[kind], indent=1))

@@ -37,8 +37,12 @@ from kvshelf.testing.reference_models import (
 )
 
 # The page media each model's chat type sends (kvshelf.testing.media.PAGE_MEDIA names).
-MEDIA = {"llava": ("boardwalk",), "phi3_v": ("duck", "lion"), "llava_onevision": ("video",),
-         "ultravox": ("audio", "audio_2")}
+MEDIA = {
+    "llava": ("boardwalk",),
+    "phi3_v": ("duck", "lion"),
+    "llava_onevision": ("video",),
+    "ultravox": ("audio", "audio_2"),
+}
 RUN_LABELS = {0: "run 1", 1: "run 2", 2: "run 3 (after restart)"}
 
 
@@ -47,15 +51,33 @@ def measure(family: str, models: Path, out: Path) -> list[Measurement]:
     if not (model_dir / "config.json").exists():
         write_real_shape(family, model_dir)
     media = make_page_media(out / "media")
-    kv = {"kv_connector": "KVShelfConnector", "kv_role": "kv_both",
-          "kv_connector_extra_config": {"disk_path": str(out / f"cache-{family}")}}
-    args = [*SERVE_ARGS[family], "--load-format", "dummy", "--served-model-name",
-            REFERENCE_MODELS[family], "--kv-transfer-config", json.dumps(kv)]
-    settings = BenchSettings(url="", chat_types=[PAGE_CHAT_TYPE[family]],
-                             media=[str(media[name]) for name in MEDIA[family]], repeat=2,
-                             max_tokens=128, warmup=0, cache_salt=None, timeout_s=900)
-    server = VllmServer(model_dir, args=args, log_path=out / f"{family}_serve.log",
-                        startup_timeout_s=1800)
+    kv = {
+        "kv_connector": "KVShelfConnector",
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": {"disk_path": str(out / f"cache-{family}")},
+    }
+    args = [
+        *SERVE_ARGS[family],
+        "--load-format",
+        "dummy",
+        "--served-model-name",
+        REFERENCE_MODELS[family],
+        "--kv-transfer-config",
+        json.dumps(kv),
+    ]
+    settings = BenchSettings(
+        url="",
+        chat_types=[PAGE_CHAT_TYPE[family]],
+        media=[str(media[name]) for name in MEDIA[family]],
+        repeat=2,
+        max_tokens=128,
+        warmup=0,
+        cache_salt=None,
+        timeout_s=900,
+    )
+    server = VllmServer(
+        model_dir, args=args, log_path=out / f"{family}_serve.log", startup_timeout_s=1800
+    )
     with server:
         settings.url = server.url
         first = run_reference(settings).measurements  # runs 1 and 2
@@ -78,8 +100,12 @@ def markdown(family: str, measurements: list[Measurement]) -> str:
     """The table for results/README.md: one row per request, TTFT and hit tokens per run."""
     rounds = sorted({m.round for m in measurements})
     head = ["request", "prompt tokens"] + [f"{RUN_LABELS[r]} TTFT / hit" for r in rounds]
-    rows = [f"### {REFERENCE_MODELS[family]} ({PAGE_CHAT_TYPE[family]})", "",
-            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = [
+        f"### {REFERENCE_MODELS[family]} ({PAGE_CHAT_TYPE[family]})",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     by_request: dict[str, dict[int, Measurement]] = {}
     for m in measurements:
         by_request.setdefault(m.request_type, {})[m.round] = m
@@ -111,12 +137,18 @@ def main(argv: list[str]) -> int:
     for family in families:
         console.print(f"== {REFERENCE_MODELS[family]}: {PAGE_CHAT_TYPE[family]}", highlight=False)
         measurements = measure(family, models, out)
-        console.print(runs_table(measurements, f"{REFERENCE_MODELS[family]} with kvshelf",
-                                 RUN_LABELS))
-        meta = {"kind": "kvshelf-page-reference", "family": family,
-                "model": REFERENCE_MODELS[family], "serve_args": list(SERVE_ARGS[family]),
-                "run_totals_s": run_totals(measurements), "gpu": _gpu(),
-                "python": platform.python_version()}
+        console.print(
+            runs_table(measurements, f"{REFERENCE_MODELS[family]} with kvshelf", RUN_LABELS)
+        )
+        meta = {
+            "kind": "kvshelf-page-reference",
+            "family": family,
+            "model": REFERENCE_MODELS[family],
+            "serve_args": list(SERVE_ARGS[family]),
+            "run_totals_s": run_totals(measurements),
+            "gpu": _gpu(),
+            "python": platform.python_version(),
+        }
         console.print(f"wrote {write_json(out / f'reference_{family}.json', measurements, meta)}")
         (out / f"reference_{family}.md").write_text(markdown(family, measurements))
     return 0
@@ -124,9 +156,12 @@ def main(argv: list[str]) -> int:
 
 def _gpu() -> str:
     try:
-        return subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total",
-                               "--format=csv,noheader"], capture_output=True, text=True,
-                              check=False).stdout.strip()
+        return subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
     except OSError:
         return "unknown"
 

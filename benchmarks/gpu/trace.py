@@ -35,8 +35,14 @@ def kind(event: dict) -> str:
 
 
 def steps(events: list[dict], t0: float, after_ms: float) -> None:
-    ranges = sorted((e for e in events if e.get("cat") == "user_annotation"
-                     and e["name"].startswith("execute_")), key=lambda e: e["ts"])
+    ranges = sorted(
+        (
+            e
+            for e in events
+            if e.get("cat") == "user_annotation" and e["name"].startswith("execute_")
+        ),
+        key=lambda e: e["ts"],
+    )
     ranges = [r for r in ranges if (r["ts"] - t0) / 1e3 >= after_ms]
     gpu = sorted((e for e in events if e.get("cat") in GPU), key=lambda e: e["ts"])
     for i, step in enumerate(ranges):
@@ -44,8 +50,10 @@ def steps(events: list[dict], t0: float, after_ms: float) -> None:
         until = ranges[i + 1]["ts"] if i + 1 < len(ranges) else start + 10e6
         work = [e for e in gpu if start <= e["ts"] < until]
         end = max((e["ts"] + e["dur"] for e in work), default=start)
-        print(f"{step['name']:44s} cpu {ms(start, t0):9.2f} +{step['dur'] / 1e3:7.2f}"
-              f"   gpu until {ms(end, t0):9.2f}")
+        print(
+            f"{step['name']:44s} cpu {ms(start, t0):9.2f} +{step['dur'] / 1e3:7.2f}"
+            f"   gpu until {ms(end, t0):9.2f}"
+        )
         streams: dict[tuple, list] = defaultdict(lambda: [0, 0.0, 0, float("inf"), 0.0])
         for e in work:
             s = streams[(e["args"].get("stream"), kind(e))]
@@ -54,17 +62,27 @@ def steps(events: list[dict], t0: float, after_ms: float) -> None:
             s[2] += e["args"].get("bytes") or 0
             s[3] = min(s[3], e["ts"])
             s[4] = max(s[4], e["ts"] + e["dur"])
-        for (stream, what), (n, busy, nbytes, first, last) in sorted(streams.items(), key=lambda kv: kv[1][3]):
+        for (stream, what), (n, busy, nbytes, first, last) in sorted(
+            streams.items(), key=lambda kv: kv[1][3]
+        ):
             if busy < 50 and nbytes < 1e6:
                 continue  # bookkeeping copies and tiny kernels
-            print(f"    stream {stream!s:>4s} {what:10s} n={n:5d} busy {busy / 1e3:8.2f} ms"
-                  f"  {ms(first, t0):9.2f} .. {ms(last, t0):9.2f}  {nbytes / 1e9:6.3f} GB")
+            print(
+                f"    stream {stream!s:>4s} {what:10s} n={n:5d} busy {busy / 1e3:8.2f} ms"
+                f"  {ms(first, t0):9.2f} .. {ms(last, t0):9.2f}  {nbytes / 1e9:6.3f} GB"
+            )
 
 
 def kvshelf_ranges(events: list[dict], t0: float, after_ms: float) -> None:
     print("\nkvshelf ranges (CPU ms) over 0.5 ms:")
-    for e in sorted((e for e in events if e.get("cat") == "user_annotation"
-                     and e["name"].startswith("kvshelf.")), key=lambda e: e["ts"]):
+    for e in sorted(
+        (
+            e
+            for e in events
+            if e.get("cat") == "user_annotation" and e["name"].startswith("kvshelf.")
+        ),
+        key=lambda e: e["ts"],
+    ):
         if (e["ts"] - t0) / 1e3 >= after_ms and e["dur"] >= 500:
             print(f"  {ms(e['ts'], t0):9.2f} +{e['dur'] / 1e3:7.2f}  {e['name']}")
 
@@ -74,7 +92,9 @@ def ms(ts: float, t0: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("trace", type=Path)
     parser.add_argument("--after", type=float, default=0.0, help="skip what starts before (ms)")
     args = parser.parse_args(argv)

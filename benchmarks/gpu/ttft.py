@@ -182,22 +182,52 @@ def trace_dir(work: Path, setup: str) -> Path:
     return work / "profile" / setup
 
 
-def setup_args(setup: str, work: Path, max_len: int, tp: int = 1,
-               profile: bool = False) -> tuple[list[str], dict[str, str]]:
-    common = ["--load-format", "dummy", "--max-model-len", str(max_len),
-              "--gpu-memory-utilization", "0.85", "--served-model-name", "m",
-              "--tensor-parallel-size", str(tp), *SERVING.get("serve_args", [])]
+def setup_args(
+    setup: str, work: Path, max_len: int, tp: int = 1, profile: bool = False
+) -> tuple[list[str], dict[str, str]]:
+    common = [
+        "--load-format",
+        "dummy",
+        "--max-model-len",
+        str(max_len),
+        "--gpu-memory-utilization",
+        "0.85",
+        "--served-model-name",
+        "m",
+        "--tensor-parallel-size",
+        str(tp),
+        *SERVING.get("serve_args", []),
+    ]
     if profile and setup in PROFILED:
         traces = trace_dir(work, setup)
         shutil.rmtree(traces, ignore_errors=True)  # only this server's trace in there
-        common += ["--profiler-config", json.dumps({
-            "profiler": "torch", "torch_profiler_dir": str(traces.resolve()),
-            "torch_profiler_with_stack": False, "ignore_frontend": True})]
+        common += [
+            "--profiler-config",
+            json.dumps(
+                {
+                    "profiler": "torch",
+                    "torch_profiler_dir": str(traces.resolve()),
+                    "torch_profiler_with_stack": False,
+                    "ignore_frontend": True,
+                }
+            ),
+        ]
     env: dict[str, str] = {}
     if tp > 1:  # vLLM's own all-reduce kernels need NVLink multicast, off on some hosts:
         env["VLLM_ALLREDUCE_USE_SYMM_MEM"] = "0"  # NCCL's all-reduce instead, unfused
-        common += ["--disable-custom-all-reduce", "--compilation-config", json.dumps({"pass_config": {
-            "fuse_allreduce_rms": False, "enable_sp": False, "fuse_gemm_comms": False}})]
+        common += [
+            "--disable-custom-all-reduce",
+            "--compilation-config",
+            json.dumps(
+                {
+                    "pass_config": {
+                        "fuse_allreduce_rms": False,
+                        "enable_sp": False,
+                        "fuse_gemm_comms": False,
+                    }
+                }
+            ),
+        ]
     if setup == "none":
         return common + ["--no-enable-prefix-caching"], env
     if setup == "baseline":
@@ -215,11 +245,16 @@ def setup_args(setup: str, work: Path, max_len: int, tp: int = 1,
         if setup == "kvshelf_fp8":
             extra["kv_storage_dtype"] = "fp8_e4m3"
         if setup != "kvshelf_mem":
-            extra.update(disk_path=str(disk_dir(work, setup)), disk_bytes="40GB",
-                         disk_fsync=setup != "kvshelf_buffered")
+            extra.update(
+                disk_path=str(disk_dir(work, setup)),
+                disk_bytes="40GB",
+                disk_fsync=setup != "kvshelf_buffered",
+            )
         return common + ["--no-enable-prefix-caching"] + kv_transfer("KVShelfConnector", extra), env
     if setup == "lmcache":
-        env.update(LMCACHE_CHUNK_SIZE="256", LMCACHE_LOCAL_CPU="True", LMCACHE_MAX_LOCAL_CPU_SIZE="40")
+        env.update(
+            LMCACHE_CHUNK_SIZE="256", LMCACHE_LOCAL_CPU="True", LMCACHE_MAX_LOCAL_CPU_SIZE="40"
+        )
         return common + ["--no-enable-prefix-caching"] + kv_transfer("LMCacheConnectorV1"), env
     raise ValueError(setup)
 
@@ -246,16 +281,27 @@ def measure(client, server, results, setup, words, size, prompts, phase, repeats
             seconds, tokens = ttft(client, server, chat_body("m", words, size, prompt))
             seconds_list.append(seconds)
             results.samples.append(Sample(setup, size, phase, prompt, seconds, tokens))
-            print(f"  {setup:15s} {size:4s} {phase:5s} prompt {prompt}: "
-                  f"{seconds * 1e3:8.1f} ms ({tokens} tokens)", flush=True)
+            print(
+                f"  {setup:15s} {size:4s} {phase:5s} prompt {prompt}: "
+                f"{seconds * 1e3:8.1f} ms ({tokens} tokens)",
+                flush=True,
+            )
     means = histogram_means(client, server, before)
     if means:
-        results.spans.append({"setup": setup, "size": size, "phase": phase,
-                              "client": statistics.mean(seconds_list) * 1e3, **means})
+        results.spans.append(
+            {
+                "setup": setup,
+                "size": size,
+                "phase": phase,
+                "client": statistics.mean(seconds_list) * 1e3,
+                **means,
+            }
+        )
 
 
-def histogram_sums(client: httpx.Client, server: VllmServer,
-                   spans: dict[str, str] = SPANS) -> dict[str, tuple[float, float]]:
+def histogram_sums(
+    client: httpx.Client, server: VllmServer, spans: dict[str, str] = SPANS
+) -> dict[str, tuple[float, float]]:
     """(sum, count) of each of vLLM's ``spans`` histograms, over all their label sets."""
     try:
         families = metric_families(client, server)
@@ -279,9 +325,13 @@ def histogram_sums(client: httpx.Client, server: VllmServer,
 def metric_total(client: httpx.Client, server: VllmServer, family_name: str) -> float:
     """Sum of a counter family's ``_total`` samples in vLLM's /metrics; 0 when it has none
     (kvshelf's counters get their series at their first increment)."""
-    return sum(sample.value for family in metric_families(client, server)
-               if family.name == family_name for sample in family.samples
-               if sample.name.endswith("_total"))
+    return sum(
+        sample.value
+        for family in metric_families(client, server)
+        if family.name == family_name
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    )
 
 
 def metric_families(client: httpx.Client, server: VllmServer) -> list:
@@ -291,13 +341,17 @@ def metric_families(client: httpx.Client, server: VllmServer) -> list:
     return list(text_string_to_metric_families(client.get(f"{server.url}/metrics").text))
 
 
-def histogram_means(client: httpx.Client, server: VllmServer, before: dict,
-                    spans: dict[str, str] = SPANS) -> dict[str, float]:
+def histogram_means(
+    client: httpx.Client, server: VllmServer, before: dict, spans: dict[str, str] = SPANS
+) -> dict[str, float]:
     """Mean ms per observation of each of ``spans`` since ``before`` (``histogram_sums``)."""
     time.sleep(0.5)  # finished requests reach the metrics a moment after their last chunk
     after = histogram_sums(client, server, spans)
-    return {name: (after[name][0] - before[name][0]) / (after[name][1] - before[name][1]) * 1e3
-            for name in after if name in before and after[name][1] > before[name][1]}
+    return {
+        name: (after[name][0] - before[name][0]) / (after[name][1] - before[name][1]) * 1e3
+        for name in after
+        if name in before and after[name][1] > before[name][1]
+    }
 
 
 def throughput(client: httpx.Client, server: VllmServer, words: list[str], bursts: int = 5) -> dict:
@@ -310,14 +364,23 @@ def throughput(client: httpx.Client, server: VllmServer, words: list[str], burst
     return {**runs[rates.index(statistics.median_high(rates))], "bursts": rates, "spans_ms": spans}
 
 
-def burst(server: VllmServer, words: list[str], concurrency: int = 16, max_tokens: int = 128) -> dict:
+def burst(
+    server: VllmServer, words: list[str], concurrency: int = 16, max_tokens: int = 128
+) -> dict:
     """Output tokens/s for ``concurrency`` simultaneous ~1K-token requests (cold)."""
     results: list[tuple[float, int]] = []
 
     def one(i: int) -> None:
         rng = random.Random(f"tput-{i}-{time.time()}")
-        body = {"model": "m", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-                "messages": [{"role": "user", "content": " ".join(rng.choice(words) for _ in range(900))}]}
+        body = {
+            "model": "m",
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "messages": [
+                {"role": "user", "content": " ".join(rng.choice(words) for _ in range(900))}
+            ],
+        }
         with httpx.Client(timeout=600) as client:
             began = time.perf_counter()
             reply = client.post(f"{server.url}/v1/chat/completions", json=body).json()
@@ -343,8 +406,16 @@ def drop_page_cache() -> bool:
         return False
 
 
-def profile_requests(client, server, work: Path, out: Path, setup: str, model: str,
-                     words: list[str], sizes: list[str]) -> None:
+def profile_requests(
+    client,
+    server,
+    work: Path,
+    out: Path,
+    setup: str,
+    model: str,
+    words: list[str],
+    sizes: list[str],
+) -> None:
     """Per size, one cold and one warm request (prompt 98, never measured) under the
     profiler; the trace goes to OUT/profile/<model>_<setup>/."""
     traces = trace_dir(work, setup)
@@ -352,7 +423,9 @@ def profile_requests(client, server, work: Path, out: Path, setup: str, model: s
     for size in sizes:
         for phase in ("cold", "warm"):
             seconds, _ = ttft(client, server, chat_body("m", words, size, 98))
-            print(f"  {setup:15s} {size:4s} {phase:5s} profiled: {seconds * 1e3:8.1f} ms", flush=True)
+            print(
+                f"  {setup:15s} {size:4s} {phase:5s} profiled: {seconds * 1e3:8.1f} ms", flush=True
+            )
     client.post(f"{server.url}/stop_profile").raise_for_status()
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and not list(traces.rglob("*.json*")):
@@ -364,8 +437,20 @@ def profile_requests(client, server, work: Path, out: Path, setup: str, model: s
         shutil.copy(path, keep / path.name)
 
 
-def run_setup(setup, model_dir, work, results, words, sizes, cold_prompts, warm_repeats,
-              server_box, log_dir, tp=1, profile=False):
+def run_setup(
+    setup,
+    model_dir,
+    work,
+    results,
+    words,
+    sizes,
+    cold_prompts,
+    warm_repeats,
+    server_box,
+    log_dir,
+    tp=1,
+    profile=False,
+):
     max_len = 4096 if SIZES["8k"] == SMOKE_SIZES["8k"] else 34000
     args, env = setup_args(setup, work, max_len, tp, profile)
     env = {**os.environ, **env}
@@ -376,18 +461,46 @@ def run_setup(setup, model_dir, work, results, words, sizes, cold_prompts, warm_
     else:
         if setup in DISK_SETUPS:  # cold requests must not find an earlier run's entries
             shutil.rmtree(disk_dir(work, setup), ignore_errors=True)
-        server = VllmServer(model_dir, port=free_port(), args=args, env=env,
-                            log_path=work / f"serve_{setup}.log", startup_timeout_s=900)
+        server = VllmServer(
+            model_dir,
+            port=free_port(),
+            args=args,
+            env=env,
+            log_path=work / f"serve_{setup}.log",
+            startup_timeout_s=900,
+        )
         server_box[setup] = server
     try:  # the server's log is kept whatever happens, a failed start included
-        measure_setup(setup, server, model_dir, work, results, words, sizes, cold_prompts,
-                      warm_repeats, log_dir, profile)
+        measure_setup(
+            setup,
+            server,
+            model_dir,
+            work,
+            results,
+            words,
+            sizes,
+            cold_prompts,
+            warm_repeats,
+            log_dir,
+            profile,
+        )
     finally:
         keep_log_lines(server, log_dir / f"serve_{setup}.log")
 
 
-def measure_setup(setup, server, model_dir, work, results, words, sizes, cold_prompts,
-                  warm_repeats, log_dir, profile):
+def measure_setup(
+    setup,
+    server,
+    model_dir,
+    work,
+    results,
+    words,
+    sizes,
+    cold_prompts,
+    warm_repeats,
+    log_dir,
+    profile,
+):
     if setup == "kvshelf_disk":
         server.stop()
         results.notes.append(f"page cache dropped before kvshelf_disk: {drop_page_cache()}")
@@ -398,11 +511,15 @@ def measure_setup(setup, server, model_dir, work, results, words, sizes, cold_pr
     # With the disk tier on, each phase starts once the earlier saves are on disk: a full
     # save queue drops saves (the restart must find every 8K prompt there), and the
     # background writes would share host memory bandwidth with the phase's own copies.
-    settle = (lambda: settle_disk(disk_dir(work, setup))) if setup in DISK_SETUPS else (lambda: None)
+    settle = (
+        (lambda: settle_disk(disk_dir(work, setup))) if setup in DISK_SETUPS else (lambda: None)
+    )
     with httpx.Client(timeout=900) as client:
         # Warm-up (first-request costs), not measured; prompt 99 is never measured.
         ttft(client, server, chat_body("m", words, sizes[-1], 99))
-        if setup in THROUGHPUT and THROUGHPUT_ON[0]:  # first, so the bursts' saves cannot evict the prompts measured
+        if (
+            setup in THROUGHPUT and THROUGHPUT_ON[0]
+        ):  # first, so the bursts' saves cannot evict the prompts measured
             results.throughput[setup] = throughput(client, server, words)
         for size in sizes:
             prompts = list(range(cold_prompts[size]))
@@ -417,16 +534,24 @@ def measure_setup(setup, server, model_dir, work, results, words, sizes, cold_pr
             if setup == "simple_offload":  # revisit in order: each was evicted by later ones
                 measure(client, server, results, setup, words, size, prompts, "warm")
             else:
-                measure(client, server, results, setup, words, size, prompts[-1:], "warm", warm_repeats)
+                measure(
+                    client, server, results, setup, words, size, prompts[-1:], "warm", warm_repeats
+                )
         if profile and setup in PROFILED:
             profile_requests(client, server, work, log_dir, setup, model_dir.name, words, sizes)
         if setup.startswith("kvshelf"):
-            saved, dropped = (metric_total(client, server, f"kvshelf_{name}")
-                              for name in ("saved_chunks", "dropped_saves"))
-            results.notes.append(f"{setup}: {saved:.0f} chunks saved, {dropped:.0f} not written"
-                                 " to disk (save queue full)")
+            saved, dropped = (
+                metric_total(client, server, f"kvshelf_{name}")
+                for name in ("saved_chunks", "dropped_saves")
+            )
+            results.notes.append(
+                f"{setup}: {saved:.0f} chunks saved, {dropped:.0f} not written"
+                " to disk (save queue full)"
+            )
     log = server.log_text(since_start=True)
-    loads = [int(b) / float(ms) / 1e6 for b, ms in _LOADED.findall(log) if float(ms) > 0 and int(b) > 1e8]
+    loads = [
+        int(b) / float(ms) / 1e6 for b, ms in _LOADED.findall(log) if float(ms) > 0 and int(b) > 1e8
+    ]
     if loads:
         results.load_gbps[setup] = loads
     if lookups := [[int(total), int(hit)] for total, hit in _LOOKED_UP.findall(log)]:
@@ -470,8 +595,11 @@ def _size(path: Path) -> int:
 
 # -- report ------------------------------------------------------------------------------
 def median_ttft(results: Results, setup: str, size: str, phase: str) -> float | None:
-    values = [s.ttft_s for s in results.samples
-              if s.setup == setup and s.size == size and s.phase == phase]
+    values = [
+        s.ttft_s
+        for s in results.samples
+        if s.setup == setup and s.size == size and s.phase == phase
+    ]
     return statistics.median(values) if values else None
 
 
@@ -480,55 +608,90 @@ def table(results: Results, kv_bytes_per_token: int) -> list[dict]:
     sizes = sorted({s.size for s in results.samples}, key=lambda s: int(s[:-1]))
     for size in sizes:
         # Cold reference: no connector with prefix caching off where it ran, else with it on.
-        cold = median_ttft(results, "none", size, "cold") or median_ttft(results, "baseline", size, "cold")
+        cold = median_ttft(results, "none", size, "cold") or median_ttft(
+            results, "baseline", size, "cold"
+        )
         floor = median_ttft(results, "baseline", size, "warm")
-        tokens = next((s.prompt_tokens for s in results.samples if s.size == size and s.prompt_tokens), 0)
+        tokens = next(
+            (s.prompt_tokens for s in results.samples if s.size == size and s.prompt_tokens), 0
+        )
         rank_bytes = tokens * kv_bytes_per_token / results.tp
         copy_s = rank_bytes / (results.h2d_gbps * 1e9) if results.h2d_gbps else None
-        for setup in ("none", "baseline", "simple_offload", "kvshelf", "kvshelf_mem", "kvshelf_fp8", "kvshelf_buffered",
-                      "kvshelf_fsync", "kvshelf_disk", "lmcache"):  # kvshelf_fsync: run 10's kvshelf
+        for setup in (
+            "none",
+            "baseline",
+            "simple_offload",
+            "kvshelf",
+            "kvshelf_mem",
+            "kvshelf_fp8",
+            "kvshelf_buffered",
+            "kvshelf_fsync",
+            "kvshelf_disk",
+            "lmcache",
+        ):  # kvshelf_fsync: run 10's kvshelf
             for phase in ("cold", "warm"):
                 value = median_ttft(results, setup, size, phase)
                 if value is None:
                     continue
-                rows.append({
-                    "size": size, "prompt_tokens": tokens, "setup": setup, "phase": phase,
-                    "ttft_ms": round(value * 1e3, 1),
-                    "speedup_vs_cold": round(cold / value, 2) if cold else None,
-                    "target_ms": round((floor + 1.1 * copy_s) * 1e3, 1)
-                    if setup.startswith("kvshelf") and phase == "warm" and floor and copy_s
-                    else None,
-                })
+                rows.append(
+                    {
+                        "size": size,
+                        "prompt_tokens": tokens,
+                        "setup": setup,
+                        "phase": phase,
+                        "ttft_ms": round(value * 1e3, 1),
+                        "speedup_vs_cold": round(cold / value, 2) if cold else None,
+                        "target_ms": round((floor + 1.1 * copy_s) * 1e3, 1)
+                        if setup.startswith("kvshelf") and phase == "warm" and floor and copy_s
+                        else None,
+                    }
+                )
     return rows
 
 
 def print_table(rows: list[dict], results: Results) -> None:
-    print(f"\n{results.model} on {results.device}: pinned H2D {results.h2d_gbps:.1f} GB/s, "
-          f"D2H {results.d2h_gbps:.1f} GB/s")
-    print(f"{'size':5s} {'tokens':>7s} {'setup':15s} {'phase':5s} {'TTFT ms':>9s} {'x cold':>7s} {'target ms':>9s}")
+    print(
+        f"\n{results.model} on {results.device}: pinned H2D {results.h2d_gbps:.1f} GB/s, "
+        f"D2H {results.d2h_gbps:.1f} GB/s"
+    )
+    print(
+        f"{'size':5s} {'tokens':>7s} {'setup':15s} {'phase':5s} {'TTFT ms':>9s} {'x cold':>7s} {'target ms':>9s}"
+    )
     for r in rows:
-        print(f"{r['size']:5s} {r['prompt_tokens']:7d} {r['setup']:15s} {r['phase']:5s} "
-              f"{r['ttft_ms']:9.1f} {r['speedup_vs_cold'] or '':>7} {r['target_ms'] or '':>9}")
+        print(
+            f"{r['size']:5s} {r['prompt_tokens']:7d} {r['setup']:15s} {r['phase']:5s} "
+            f"{r['ttft_ms']:9.1f} {r['speedup_vs_cold'] or '':>7} {r['target_ms'] or '':>9}"
+        )
     if results.spans:
-        print("\nwhere TTFT went, means in ms (vLLM's request metrics): before the engine ="
-              " client TTFT - server TTFT; the rest of server TTFT is queue + prefill + hand-offs")
-        print(f"{'size':5s} {'setup':15s} {'phase':5s} {'client':>8s} {'before':>8s} {'queue':>8s}"
-              f" {'prefill':>8s} {'hand-offs':>9s}")
+        print(
+            "\nwhere TTFT went, means in ms (vLLM's request metrics): before the engine ="
+            " client TTFT - server TTFT; the rest of server TTFT is queue + prefill + hand-offs"
+        )
+        print(
+            f"{'size':5s} {'setup':15s} {'phase':5s} {'client':>8s} {'before':>8s} {'queue':>8s}"
+            f" {'prefill':>8s} {'hand-offs':>9s}"
+        )
         for r in sorted(results.spans, key=lambda r: (int(r["size"][:-1]), r["setup"], r["phase"])):
             server, queue, prefill = (r.get(name, float("nan")) for name in SPANS)
-            print(f"{r['size']:5s} {r['setup']:15s} {r['phase']:5s} {r['client']:8.1f} "
-                  f"{r['client'] - server:8.1f} {queue:8.1f} {prefill:8.1f} "
-                  f"{server - queue - prefill:9.1f}")
+            print(
+                f"{r['size']:5s} {r['setup']:15s} {r['phase']:5s} {r['client']:8.1f} "
+                f"{r['client'] - server:8.1f} {queue:8.1f} {prefill:8.1f} "
+                f"{server - queue - prefill:9.1f}"
+            )
     for setup, rates in results.load_gbps.items():
         print(f"{setup} load: median {statistics.median(rates):.1f} GB/s over {len(rates)} loads")
     for setup, lookups in results.hits.items():
         full = sum(hit == total for total, hit in lookups)
         some = sum(0 < hit < total for total, hit in lookups)
-        print(f"{setup} lookups: {full} full hits, {some} partial, {len(lookups) - full - some} misses")
+        print(
+            f"{setup} lookups: {full} full hits, {some} partial, {len(lookups) - full - some} misses"
+        )
     for setup, t in results.throughput.items():
-        print(f"{setup} throughput: {t['tokens_per_s']:.0f} output tokens/s (median of "
-              f"{' '.join(f'{r:.0f}' for r in t.get('bursts', []))}); per request, mean ms: "
-              + ", ".join(f"{k} {v:.2f}" for k, v in t.get("spans_ms", {}).items()))
+        print(
+            f"{setup} throughput: {t['tokens_per_s']:.0f} output tokens/s (median of "
+            f"{' '.join(f'{r:.0f}' for r in t.get('bursts', []))}); per request, mean ms: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in t.get("spans_ms", {}).items())
+        )
     for setup, error in results.errors.items():
         print(f"{setup} FAILED: {error}")
 
@@ -544,8 +707,11 @@ def plot(rows: list[dict], results: Results, path: Path) -> None:
     for ax, size in zip(axes[0], sizes):
         chosen = [r for r in rows if r["size"] == size]
         labels = [f"{r['setup']} {r['phase']}" for r in chosen]
-        ax.bar(labels, [r["ttft_ms"] for r in chosen],
-               color=["#888" if r["phase"] == "cold" else "#2a7" for r in chosen])
+        ax.bar(
+            labels,
+            [r["ttft_ms"] for r in chosen],
+            color=["#888" if r["phase"] == "cold" else "#2a7" for r in chosen],
+        )
         ax.set_title(f"{results.model}, {size} prompt ({chosen[0]['prompt_tokens']} tokens)")
         ax.set_ylabel("TTFT, median (ms)")
         ax.tick_params(axis="x", labelsize=8, labelrotation=50)
@@ -556,21 +722,31 @@ def plot(rows: list[dict], results: Results, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--work", type=Path, default=Path("/tmp/kvbench"))
-    parser.add_argument("--setups", default="none,baseline,kvshelf,kvshelf_disk,simple_offload,lmcache")
+    parser.add_argument(
+        "--setups", default="none,baseline,kvshelf,kvshelf_disk,simple_offload,lmcache"
+    )
     parser.add_argument("--sizes", default="8k,32k")
     parser.add_argument("--kv-bytes-per-token", type=int, required=True)
     parser.add_argument("--warm-repeats", type=int, default=5)
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (GPUs)")
     parser.add_argument("--smoke", action="store_true", help="CPU dry run with short prompts")
-    parser.add_argument("--resume", action="store_true",
-                        help="add to OUT's results from an earlier call on the same machine")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="add to OUT's results from an earlier call on the same machine",
+    )
     parser.add_argument("--no-throughput", action="store_true", help="skip the bursts")
-    parser.add_argument("--profile", action="store_true",
-                        help="trace one cold and one warm request per none/baseline/kvshelf server")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="trace one cold and one warm request per none/baseline/kvshelf server",
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -600,14 +776,30 @@ def main(argv: list[str] | None = None) -> int:
         for setup in args.setups.split(","):
             # vLLM's offloading and LMCache run at 8K only (their GPU/CPU sizing); kvshelf
             # does 32K before 8K so the 8K prompts are the ones its disk budget keeps.
-            chosen = {"simple_offload": ["8k"], "lmcache": ["8k"], "kvshelf_disk": ["8k"],
-                      **dict.fromkeys(("kvshelf_mem", *DISK_SETUPS),
-                                      sorted(sizes, key=lambda s: -int(s[:-1])))}.get(setup, sizes)
+            chosen = {
+                "simple_offload": ["8k"],
+                "lmcache": ["8k"],
+                "kvshelf_disk": ["8k"],
+                **dict.fromkeys(
+                    ("kvshelf_mem", *DISK_SETUPS), sorted(sizes, key=lambda s: -int(s[:-1]))
+                ),
+            }.get(setup, sizes)
             chosen = [s for s in chosen if s in sizes]
             try:
-                run_setup(setup, args.model_dir, args.work, results, words, chosen,
-                          {"8k": 5, "32k": 5}, args.warm_repeats, servers, args.out, args.tp,
-                          args.profile)
+                run_setup(
+                    setup,
+                    args.model_dir,
+                    args.work,
+                    results,
+                    words,
+                    chosen,
+                    {"8k": 5, "32k": 5},
+                    args.warm_repeats,
+                    servers,
+                    args.out,
+                    args.tp,
+                    args.profile,
+                )
             except Exception as exc:  # noqa: BLE001 - one broken setup must not lose the rest
                 results.errors[setup] = f"{type(exc).__name__}: {exc}"[-2000:]
                 print(f"!! {setup} failed: {exc}", flush=True)

@@ -146,8 +146,7 @@ def _read_stream(response: httpx.Response, began: float, body: dict[str, Any]) -
     total_s = time.perf_counter() - began
     if ttft_s is None:
         raise BenchError(
-            f"the stream ended without a generated token ({response.request.url}); "
-            "is max_tokens 0?"
+            f"the stream ended without a generated token ({response.request.url}); is max_tokens 0?"
         )
     return StreamResult(
         ttft_s=ttft_s,
@@ -228,8 +227,12 @@ def _modalities(body: dict[str, Any]) -> list[str]:
     for message in body.get("messages", ()):
         content = message.get("content")
         for part in content if isinstance(content, list) else ():
-            kind = {"image_url": "image", "input_audio": "audio", "audio_url": "audio",
-                    "video_url": "video"}.get(part.get("type", ""))
+            kind = {
+                "image_url": "image",
+                "input_audio": "audio",
+                "audio_url": "audio",
+                "video_url": "video",
+            }.get(part.get("type", ""))
             if kind and kind not in found:
                 found.append(kind)
     return found

@@ -43,7 +43,10 @@ def request_lines(log_text: str) -> list[RequestLine]:
         if match:
             found.append(
                 RequestLine(
-                    match["req_id"], int(match["total"]), int(match["hit"]), int(match["load"]),
+                    match["req_id"],
+                    int(match["total"]),
+                    int(match["hit"]),
+                    int(match["load"]),
                     line.strip(),
                 )
             )

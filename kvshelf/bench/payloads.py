@@ -46,14 +46,60 @@ BUILTIN_MEDIA: dict[str, tuple[str, ...]] = {
 QUESTION = "Describe this."
 # Plain words for padding; real tokenizers give ~1-2 tokens each, /tokenize measures it.
 _FILLER_WORDS = (
-    "the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "what", "is", "in", "this",
-    "image", "picture", "audio", "video", "describe", "sound", "hello", "world", "user",
-    "assistant", "system", "you", "are", "a", "helpful", "cat", "sat", "on", "mat", "red",
-    "green", "blue", "yellow", "one", "two", "three", "four", "five", "six", "seven", "eight",
-    "nine", "ten",
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "dog",
+    "what",
+    "is",
+    "in",
+    "this",
+    "image",
+    "picture",
+    "audio",
+    "video",
+    "describe",
+    "sound",
+    "hello",
+    "world",
+    "user",
+    "assistant",
+    "system",
+    "you",
+    "are",
+    "a",
+    "helpful",
+    "cat",
+    "sat",
+    "on",
+    "mat",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
 )
-_EXTRA_MIME = {".wav": "audio/wav", ".mp4": "video/mp4", ".webm": "video/webm",
-               ".flac": "audio/flac", ".m4a": "audio/mp4", ".webp": "image/webp"}
+_EXTRA_MIME = {
+    ".wav": "audio/wav",
+    ".mp4": "video/mp4",
+    ".webm": "video/webm",
+    ".flac": "audio/flac",
+    ".m4a": "audio/mp4",
+    ".webp": "image/webp",
+}
 
 
 @dataclass(frozen=True)
@@ -83,8 +129,10 @@ def load_media(source: str | os.PathLike[str], *, as_file_url: bool = False) -> 
         _check_readable(path, text)
         return Media(_kind(path.name, text), text, f"{path.name} (file://)")
     if scheme:
-        raise MediaError(f"media {text!r}: unsupported URL scheme {scheme!r}; use a path, "
-                         "http(s)://, file:// or data:")
+        raise MediaError(
+            f"media {text!r}: unsupported URL scheme {scheme!r}; use a path, "
+            "http(s)://, file:// or data:"
+        )
     path = Path(text).expanduser()
     kind = _kind(path.name, text)
     if as_file_url:
@@ -107,8 +155,9 @@ def builtin_media(out_dir: str | os.PathLike[str]) -> dict[str, Path]:
     try:
         return make_media(out_dir)
     except (ImportError, RuntimeError, OSError) as exc:
-        raise MediaError(f"cannot generate the built-in media in {out_dir}: {exc}; "
-                         "pass --media instead") from None
+        raise MediaError(
+            f"cannot generate the built-in media in {out_dir}: {exc}; pass --media instead"
+        ) from None
 
 
 def pick_media(request_type: str, given: Sequence[Media], builtin: dict[str, Media]) -> list[Media]:
@@ -164,6 +213,7 @@ def fit_filler(
     Counts with vLLM's ``POST /tokenize`` (which expands media placeholders as a request
     would). A server without it gets an estimate of 1.3 tokens per word and ``exact=False``.
     """
+
     def messages(words: int) -> list[dict[str, Any]]:
         return chat_body(model, media, filler_words=words)["messages"]
 
@@ -171,8 +221,11 @@ def fit_filler(
 
 
 def fit_words(
-    client: httpx.Client, url: str, model: str,
-    messages_for: Callable[[int], list[dict[str, Any]]], prompt_tokens: int,
+    client: httpx.Client,
+    url: str,
+    model: str,
+    messages_for: Callable[[int], list[dict[str, Any]]],
+    prompt_tokens: int,
 ) -> tuple[int, bool]:
     """As :func:`fit_filler`, for any messages: ``messages_for(words)`` gives them padded
     with that many filler words."""
@@ -194,8 +247,9 @@ def fit_words(
     return words, True
 
 
-def _count(client: httpx.Client, url: str, model: str,
-           messages: list[dict[str, Any]]) -> int | None:
+def _count(
+    client: httpx.Client, url: str, model: str, messages: list[dict[str, Any]]
+) -> int | None:
     tokenize = {"model": model, "messages": messages, "add_generation_prompt": True}
     try:
         response = client.post(f"{base_url(url)}/tokenize", json=tokenize)
@@ -242,4 +296,3 @@ def _read(path: Path, source: str, num_bytes: int = -1) -> bytes:
 
 def _short(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
-

@@ -51,12 +51,16 @@ MAX_COMPLETION_TOKENS = 128  # the client's --max-completion-tokens default
 _ASSETS = "https://vllm-public-assets.s3.us-west-2.amazonaws.com"
 # The client's media, by kind, in the order its chat types use them.
 CLIENT_MEDIA: dict[str, tuple[str, ...]] = {
-    "image": ((f"{_ASSETS}/vision_model_images/"
-               "2560px-Gfp-wisconsin-madison-the-nature-boardwalk.jpg"),
-              f"{_ASSETS}/multimodal_asset/duck.jpg", f"{_ASSETS}/multimodal_asset/lion.jpg"),
+    "image": (
+        (f"{_ASSETS}/vision_model_images/2560px-Gfp-wisconsin-madison-the-nature-boardwalk.jpg"),
+        f"{_ASSETS}/multimodal_asset/duck.jpg",
+        f"{_ASSETS}/multimodal_asset/lion.jpg",
+    ),
     "video": ("http://commondatastorage.googleapis.com/gtv-videos-bucket/sample/ForBiggerFun.mp4",),
-    "audio": (f"{_ASSETS}/multimodal_asset/winning_call.ogg",
-              f"{_ASSETS}/multimodal_asset/azacinto_foscolo.ogg"),
+    "audio": (
+        f"{_ASSETS}/multimodal_asset/winning_call.ogg",
+        f"{_ASSETS}/multimodal_asset/azacinto_foscolo.ogg",
+    ),
 }
 _USER_AGENT = {"User-Agent": "vLLM Example Client"}  # what the client sends when it downloads
 
@@ -73,17 +77,33 @@ class Step:
 
 SEQUENCES: dict[str, tuple[Step, ...]] = {
     "text-only": (Step("text", "What's the capital of France?"),),
-    "single-image": (Step("image URL", "What's in this image?", (("url", "image", 0),)),
-                     Step("image base64", "What's in this image?", (("base64", "image", 0),))),
-    "multi-image": (Step("2 image URLs", "What are the animals in these images?",
-                         (("url", "image", 1), ("url", "image", 2))),),
-    "video": (Step("video URL", "What's in this video?", (("url", "video", 0),)),
-              Step("video base64", "What's in this video?", (("base64", "video", 0),))),
-    "audio": (Step("input_audio", "What's in this audio?", (("input_audio", "audio", 0),)),
-              Step("audio URL", "What's in this audio?", (("url", "audio", 0),)),
-              Step("audio base64", "What's in this audio?", (("base64", "audio", 0),))),
-    "multi-audio": (Step("2 input_audio", "Are these two audios the same?",
-                         (("input_audio", "audio", 0), ("input_audio", "audio", 1))),),
+    "single-image": (
+        Step("image URL", "What's in this image?", (("url", "image", 0),)),
+        Step("image base64", "What's in this image?", (("base64", "image", 0),)),
+    ),
+    "multi-image": (
+        Step(
+            "2 image URLs",
+            "What are the animals in these images?",
+            (("url", "image", 1), ("url", "image", 2)),
+        ),
+    ),
+    "video": (
+        Step("video URL", "What's in this video?", (("url", "video", 0),)),
+        Step("video base64", "What's in this video?", (("base64", "video", 0),)),
+    ),
+    "audio": (
+        Step("input_audio", "What's in this audio?", (("input_audio", "audio", 0),)),
+        Step("audio URL", "What's in this audio?", (("url", "audio", 0),)),
+        Step("audio base64", "What's in this audio?", (("base64", "audio", 0),)),
+    ),
+    "multi-audio": (
+        Step(
+            "2 input_audio",
+            "Are these two audios the same?",
+            (("input_audio", "audio", 0), ("input_audio", "audio", 1)),
+        ),
+    ),
 }
 CHAT_TYPES: tuple[str, ...] = tuple(SEQUENCES)
 _PART_TYPES = {"image": "image_url", "video": "video_url", "audio": "audio_url"}
@@ -163,8 +183,12 @@ class MediaServer:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
 
@@ -189,9 +213,16 @@ def pick_media(sources: Sequence[str], server: MediaServer) -> dict[str, list[Me
     return picked
 
 
-def step_body(step: Step, model: str, media: dict[str, list[Medium]], http: httpx.Client, *,
-              max_tokens: int = MAX_COMPLETION_TOKENS, filler_words: int = 0,
-              cache_salt: str | None = None) -> dict[str, Any]:
+def step_body(
+    step: Step,
+    model: str,
+    media: dict[str, list[Medium]],
+    http: httpx.Client,
+    *,
+    max_tokens: int = MAX_COMPLETION_TOKENS,
+    filler_words: int = 0,
+    cache_salt: str | None = None,
+) -> dict[str, Any]:
     """The client's request for ``step``; ``filler_words`` (not the client's) pads the text."""
     text = step.question
     if filler_words:
@@ -201,21 +232,28 @@ def step_body(step: Step, model: str, media: dict[str, list[Medium]], http: http
         medium = media[kind][slot % len(media[kind])]
         if form == "input_audio":
             fmt = medium.mime.split("/")[-1].removeprefix("x-")
-            parts.append({"type": "input_audio",
-                          "input_audio": {"data": medium.base64(http), "format": fmt}})
+            parts.append(
+                {"type": "input_audio", "input_audio": {"data": medium.base64(http), "format": fmt}}
+            )
             continue
         url = medium.url if form == "url" else f"data:{medium.mime};base64,{medium.base64(http)}"
         parts.append({"type": _PART_TYPES[kind], _PART_TYPES[kind]: {"url": url}})
     content: Any = [{"type": "text", "text": text}, *parts] if parts else text
-    body: dict[str, Any] = {"messages": [{"role": "user", "content": content}], "model": model,
-                            "max_completion_tokens": max_tokens}
+    body: dict[str, Any] = {
+        "messages": [{"role": "user", "content": content}],
+        "model": model,
+        "max_completion_tokens": max_tokens,
+    }
     if cache_salt:
         body["cache_salt"] = cache_salt
     return body
 
 
-def run_reference(settings: BenchSettings, media_host: str = "127.0.0.1",
-                  on_result: Callable[[Measurement], None] | None = None) -> BenchRun:
+def run_reference(
+    settings: BenchSettings,
+    media_host: str = "127.0.0.1",
+    on_result: Callable[[Measurement], None] | None = None,
+) -> BenchRun:
     """Send each chat type's sequence ``settings.repeat`` times (run 1 is ``cold``, later
     runs ``warm``), the types one after another, every request timed."""
     run_id = secrets.token_hex(3)
@@ -226,16 +264,29 @@ def run_reference(settings: BenchSettings, media_host: str = "127.0.0.1",
         media = pick_media(settings.media, server)
         for index in range(settings.warmup):  # untimed; off unless asked for
             warm_up = Step("warm-up", "Say hello.")
-            done.warmups.append(send_step(http, settings, model, "warm-up", warm_up, media, 0,
-                                      f"{run_id}-w{index}", 0))
+            done.warmups.append(
+                send_step(
+                    http, settings, model, "warm-up", warm_up, media, 0, f"{run_id}-w{index}", 0
+                )
+            )
         for chat_type in settings.chat_types:
             try:
-                words = [fit_step(http, settings, model, step, media)
-                         for step in SEQUENCES[chat_type]]
+                words = [
+                    fit_step(http, settings, model, step, media) for step in SEQUENCES[chat_type]
+                ]
                 for round_index in range(settings.repeat):
                     for step, filler_words in zip(SEQUENCES[chat_type], words):
-                        m = send_step(http, settings, model, chat_type, step, media, round_index,
-                                  run_id, filler_words)
+                        m = send_step(
+                            http,
+                            settings,
+                            model,
+                            chat_type,
+                            step,
+                            media,
+                            round_index,
+                            run_id,
+                            filler_words,
+                        )
                         done.measurements.append(m)
                         if on_result is not None:
                             on_result(m)
@@ -246,8 +297,13 @@ def run_reference(settings: BenchSettings, media_host: str = "127.0.0.1",
     return done
 
 
-def fit_step(http: httpx.Client, settings: BenchSettings, model: str, step: Step,
-                  media: dict[str, list[Medium]]) -> int:
+def fit_step(
+    http: httpx.Client,
+    settings: BenchSettings,
+    model: str,
+    step: Step,
+    media: dict[str, list[Medium]],
+) -> int:
     """Filler words that pad ``step`` to ``settings.prompt_tokens`` (0: the client's own
     text), counted with the server's /tokenize."""
     if settings.prompt_tokens <= 0:
@@ -259,22 +315,45 @@ def fit_step(http: httpx.Client, settings: BenchSettings, model: str, step: Step
     return fit_words(http, settings.url, model, messages, settings.prompt_tokens)[0]
 
 
-def send_step(http: httpx.Client, settings: BenchSettings, model: str, chat_type: str, step: Step,
-          media: dict[str, list[Medium]], round_index: int, run_id: str,
-          filler_words: int) -> Measurement:
+def send_step(
+    http: httpx.Client,
+    settings: BenchSettings,
+    model: str,
+    chat_type: str,
+    step: Step,
+    media: dict[str, list[Medium]],
+    round_index: int,
+    run_id: str,
+    filler_words: int,
+) -> Measurement:
     """One timed request: ``step`` of ``chat_type``, in run ``round_index`` (0 is cold)."""
-    body = step_body(step, model, media, http, max_tokens=settings.max_tokens,
-                     filler_words=filler_words, cache_salt=settings.cache_salt)
+    body = step_body(
+        step,
+        model,
+        media,
+        http,
+        max_tokens=settings.max_tokens,
+        filler_words=filler_words,
+        cache_salt=settings.cache_salt,
+    )
     slug = step.label.replace(" ", "_")
     request_id = f"kvb-{run_id}-{chat_type}-{slug}-r{round_index}"
     result = stream_chat(http, settings.url, body, request_id)
     labels = [media[kind][slot % len(media[kind])].label for _, kind, slot in step.parts]
     return Measurement(
-        request_type=f"{chat_type}: {step.label}", phase=COLD if round_index == 0 else WARM,
-        round=round_index, stream=0, request_id=request_id, model=model,
-        media=", ".join(labels), ttft_s=result.ttft_s, total_s=result.total_s,
-        first_token_via=result.first_token_via, prompt_tokens=result.prompt_tokens,
-        completion_tokens=result.completion_tokens)
+        request_type=f"{chat_type}: {step.label}",
+        phase=COLD if round_index == 0 else WARM,
+        round=round_index,
+        stream=0,
+        request_id=request_id,
+        model=model,
+        media=", ".join(labels),
+        ttft_s=result.ttft_s,
+        total_s=result.total_s,
+        first_token_via=result.first_token_via,
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+    )
 
 
 def run_totals(measurements: Sequence[Measurement]) -> dict[int, float]:
@@ -289,14 +368,17 @@ def _download(http: httpx.Client, url: str) -> bytes:
     try:
         response = http.get(url, headers=_USER_AGENT, follow_redirects=True)
     except httpx.HTTPError as exc:
-        raise MediaError(f"cannot download {url} to base64-encode it ({exc}); pass --media "
-                         "with a local file instead") from None
+        raise MediaError(
+            f"cannot download {url} to base64-encode it ({exc}); pass --media "
+            "with a local file instead"
+        ) from None
     if response.status_code != 200:
-        raise MediaError(f"downloading {url} answered HTTP {response.status_code}; pass "
-                         "--media with a local file instead")
+        raise MediaError(
+            f"downloading {url} answered HTTP {response.status_code}; pass "
+            "--media with a local file instead"
+        )
     return response.content
 
 
 def _is_url(source: str) -> bool:
     return urlparse(source).scheme in ("http", "https")
-

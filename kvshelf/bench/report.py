@@ -58,34 +58,45 @@ def summarise(measurements: Sequence[Measurement]) -> list[Summary]:
         cold = [m for m in group if m.phase == COLD]
         warm = [m for m in group if m.phase == WARM]
         hits = [m.hit_tokens for m in warm if m.hit_tokens is not None]
-        out.append(Summary(
-            request_type=request_type,
-            model=model,
-            media=group[0].media,
-            prompt_tokens=_median_int([m.prompt_tokens for m in group]),
-            hit_tokens=_median_int(hits) if hits else None,
-            ttft_cold_s=_median([m.ttft_s for m in cold]),
-            ttft_warm_s=_median([m.ttft_s for m in warm]),
-            num_cold=len(cold),
-            num_warm=len(warm),
-        ))
+        out.append(
+            Summary(
+                request_type=request_type,
+                model=model,
+                media=group[0].media,
+                prompt_tokens=_median_int([m.prompt_tokens for m in group]),
+                hit_tokens=_median_int(hits) if hits else None,
+                ttft_cold_s=_median([m.ttft_s for m in cold]),
+                ttft_warm_s=_median([m.ttft_s for m in warm]),
+                num_cold=len(cold),
+                num_warm=len(warm),
+            )
+        )
     return out
 
 
-def summary_table(summaries: Sequence[Summary], title: str,
-                  warm_label: str = "TTFT warm") -> Table:
+def summary_table(summaries: Sequence[Summary], title: str, warm_label: str = "TTFT warm") -> Table:
     many = any(s.num_cold > 1 or s.num_warm > 1 for s in summaries)
     table = Table(title=title, title_justify="left")
-    for name, justify in (("request type", "left"), ("model", "left"), ("media", "left"),
-                          ("prompt tokens", "right"), ("kvshelf hit tokens", "right"),
-                          ("TTFT cold" + (" (median)" if many else ""), "right"),
-                          (warm_label + (" (median)" if many else ""), "right"),
-                          ("speedup", "right")):
+    for name, justify in (
+        ("request type", "left"),
+        ("model", "left"),
+        ("media", "left"),
+        ("prompt tokens", "right"),
+        ("kvshelf hit tokens", "right"),
+        ("TTFT cold" + (" (median)" if many else ""), "right"),
+        (warm_label + (" (median)" if many else ""), "right"),
+        ("speedup", "right"),
+    ):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for s in summaries:
         table.add_row(
-            s.request_type, s.model, s.media or "-", _int(s.prompt_tokens), _int(s.hit_tokens),
-            format_seconds(s.ttft_cold_s), format_seconds(s.ttft_warm_s),
+            s.request_type,
+            s.model,
+            s.media or "-",
+            _int(s.prompt_tokens),
+            _int(s.hit_tokens),
+            format_seconds(s.ttft_cold_s),
+            format_seconds(s.ttft_warm_s),
             "-" if s.speedup is None else f"{s.speedup:.1f}×",
         )
     return table
@@ -93,18 +104,37 @@ def summary_table(summaries: Sequence[Summary], title: str,
 
 def requests_table(measurements: Sequence[Measurement], title: str) -> Table:
     table = Table(title=title, title_justify="left")
-    for name in ("request type", "round", "stream", "phase", "prompt tokens", "hit tokens",
-                 "TTFT", "total"):
+    for name in (
+        "request type",
+        "round",
+        "stream",
+        "phase",
+        "prompt tokens",
+        "hit tokens",
+        "TTFT",
+        "total",
+    ):
         table.add_column(name, justify="left" if name in ("request type", "phase") else "right")
     for m in measurements:
-        table.add_row(m.request_type, str(m.round), str(m.stream), m.phase,
-                      _int(m.prompt_tokens), _int(m.hit_tokens), format_seconds(m.ttft_s),
-                      format_seconds(m.total_s))
+        table.add_row(
+            m.request_type,
+            str(m.round),
+            str(m.stream),
+            m.phase,
+            _int(m.prompt_tokens),
+            _int(m.hit_tokens),
+            format_seconds(m.ttft_s),
+            format_seconds(m.total_s),
+        )
     return table
 
 
-def runs_table(measurements: Sequence[Measurement], title: str,
-               run_labels: Mapping[int, str] | None = None, show_media: bool = True) -> Table:
+def runs_table(
+    measurements: Sequence[Measurement],
+    title: str,
+    run_labels: Mapping[int, str] | None = None,
+    show_media: bool = True,
+) -> Table:
     """One row per request of a repeated sequence, its TTFT and kvshelf hit tokens (when
     the server log was read; "loaded" is what kvshelf copied in, the rest vLLM's own prefix
     cache held) in each run side by side; the last row has each run's total time."""
@@ -125,16 +155,19 @@ def runs_table(measurements: Sequence[Measurement], title: str,
         rows.setdefault((m.model, m.request_type), {})[m.round] = m
     for (model, request), by_round in rows.items():
         first = next(iter(by_round.values()))
-        cells = [*([model] if models else []), request,
-                 *([first.media or "-"] if show_media else []), _int(first.prompt_tokens)]
+        cells = [
+            *([model] if models else []),
+            request,
+            *([first.media or "-"] if show_media else []),
+            _int(first.prompt_tokens),
+        ]
         for r in rounds:
             m = by_round.get(r)
             cells.append(format_seconds(m.ttft_s if m else None))
             if hits:
                 cells.append(_hit(m))
         table.add_row(*cells)
-    totals = [*([""] if models else []), "total (one request at a time)", *([""] * len(media)),
-              ""]
+    totals = [*([""] if models else []), "total (one request at a time)", *([""] * len(media)), ""]
     for r in rounds:
         totals.append(format_seconds(sum(m.total_s for m in measurements if m.round == r)))
         if hits:
@@ -151,17 +184,26 @@ def _hit(m: Measurement | None) -> str:
     return f"{m.hit_tokens:,} ({m.load_tokens:,} loaded)"
 
 
-def write_json(path: str | os.PathLike[str], measurements: Sequence[Measurement],
-               meta: Mapping[str, Any]) -> Path:
+def write_json(
+    path: str | os.PathLike[str], measurements: Sequence[Measurement], meta: Mapping[str, Any]
+) -> Path:
     """``{meta..., "summary": [...], "requests": [...]}``, written atomically."""
     summary = [asdict(s) | {"speedup": s.speedup} for s in summarise(measurements)]
-    data = {**meta, "ttft_definition": TTFT_DEFINITION, "summary": summary,
-            "requests": [asdict(m) for m in measurements]}
+    data = {
+        **meta,
+        "ttft_definition": TTFT_DEFINITION,
+        "summary": summary,
+        "requests": [asdict(m) for m in measurements],
+    }
     return _write(Path(path), (json.dumps(data, indent=1) + "\n").encode())
 
 
-def plot_ttft(path: str | os.PathLike[str], measurements: Sequence[Measurement], title: str,
-              phase_labels: Mapping[str, str] = PHASE_LABELS) -> Path:
+def plot_ttft(
+    path: str | os.PathLike[str],
+    measurements: Sequence[Measurement],
+    title: str,
+    phase_labels: Mapping[str, str] = PHASE_LABELS,
+) -> Path:
     """TTFT of every request as a bar, coloured cold/warm, one panel per request type."""
     import matplotlib
 
@@ -181,10 +223,13 @@ def plot_ttft(path: str | os.PathLike[str], measurements: Sequence[Measurement],
     for ax in list(axes.flat)[num:]:
         ax.set_visible(False)
     phases = [p for p in (COLD, WARM) if any(m.phase == p for m in measurements)]
-    fig.legend(handles=[Patch(color=_COLOURS[p], label=phase_labels.get(p, p)) for p in phases],
-               loc="upper right", fontsize=9, frameon=False)
-    fig.suptitle(f"{title}\n(time to first token; lower is better)", x=0.01, ha="left",
-                 fontsize=11)
+    fig.legend(
+        handles=[Patch(color=_COLOURS[p], label=phase_labels.get(p, p)) for p in phases],
+        loc="upper right",
+        fontsize=9,
+        frameon=False,
+    )
+    fig.suptitle(f"{title}\n(time to first token; lower is better)", x=0.01, ha="left", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.08 / rows))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -210,8 +255,17 @@ def _panel(ax, request_type: str, group: Sequence[Measurement]) -> None:
     speedup = summarise(group)[0].speedup
     if speedup is not None:
         medians = " (medians)" if len(group) > 2 else ""
-        ax.text(0.97, 0.95, f"warm{medians}: {speedup:.1f}× faster", transform=ax.transAxes,
-                ha="right", va="top", fontsize=8, color=_COLOURS[WARM], fontweight="bold")
+        ax.text(
+            0.97,
+            0.95,
+            f"warm{medians}: {speedup:.1f}× faster",
+            transform=ax.transAxes,
+            ha="right",
+            va="top",
+            fontsize=8,
+            color=_COLOURS[WARM],
+            fontweight="bold",
+        )
 
 
 TTFT_DEFINITION = (

@@ -66,7 +66,10 @@ class Measurement:
     def attach(self, line: RequestLine | None) -> None:
         if line is not None:
             self.hit_tokens, self.load_tokens, self.log_line = (
-                line.hit_tokens, line.load_tokens, line.line)
+                line.hit_tokens,
+                line.load_tokens,
+                line.line,
+            )
 
 
 @dataclass
@@ -134,8 +137,10 @@ def prepare(http: httpx.Client, settings: BenchSettings, model: str) -> list[Pre
         if any(kind not in {m.kind for m in given} for kind in TYPE_MEDIA[request_type]):
             if not builtin_paths:
                 builtin_paths = builtin_media(settings.media_dir or DEFAULT_MEDIA_DIR)
-            builtin = {name: load_media(builtin_paths[name], as_file_url=as_file)
-                       for name in BUILTIN_MEDIA[request_type]}
+            builtin = {
+                name: load_media(builtin_paths[name], as_file_url=as_file)
+                for name in BUILTIN_MEDIA[request_type]
+            }
         media = pick_media(request_type, given, builtin)
         words, exact = 0, True
         if settings.prompt_tokens > 0:
@@ -144,25 +149,48 @@ def prepare(http: httpx.Client, settings: BenchSettings, model: str) -> list[Pre
     return prepared
 
 
-def send(http: httpx.Client, settings: BenchSettings, model: str, item: Prepared, *,
-         phase: str, round_index: int, stream: int, run_id: str) -> Measurement:
+def send(
+    http: httpx.Client,
+    settings: BenchSettings,
+    model: str,
+    item: Prepared,
+    *,
+    phase: str,
+    round_index: int,
+    stream: int,
+    run_id: str,
+) -> Measurement:
     """One timed request of a prepared prompt."""
     salt = None if settings.cache_salt is None else f"{settings.cache_salt}-{stream}"
-    body = chat_body(model, item.media, filler_words=item.filler_words,
-                     filler_seed=item.filler_seed, max_tokens=settings.max_tokens,
-                     cache_salt=salt)
+    body = chat_body(
+        model,
+        item.media,
+        filler_words=item.filler_words,
+        filler_seed=item.filler_seed,
+        max_tokens=settings.max_tokens,
+        cache_salt=salt,
+    )
     request_id = f"kvb-{run_id}-{item.request_type}-s{stream}-r{round_index}-{phase}"
     result: StreamResult = stream_chat(http, settings.url, body, request_id)
     return Measurement(
-        request_type=item.request_type, phase=phase, round=round_index, stream=stream,
-        request_id=request_id, model=model, media=", ".join(m.label for m in item.media),
-        ttft_s=result.ttft_s, total_s=result.total_s, first_token_via=result.first_token_via,
-        prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+        request_type=item.request_type,
+        phase=phase,
+        round=round_index,
+        stream=stream,
+        request_id=request_id,
+        model=model,
+        media=", ".join(m.label for m in item.media),
+        ttft_s=result.ttft_s,
+        total_s=result.total_s,
+        first_token_via=result.first_token_via,
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
     )
 
 
-def run_bench(settings: BenchSettings,
-              on_result: Callable[[Measurement], None] | None = None) -> BenchRun:
+def run_bench(
+    settings: BenchSettings, on_result: Callable[[Measurement], None] | None = None
+) -> BenchRun:
     """Warm up, then send every chat type ``repeat`` rounds of ``concurrency`` requests."""
     if settings.repeat < 1 or settings.concurrency < 1:
         raise BenchError("--repeat and --concurrency must be at least 1")
@@ -174,16 +202,35 @@ def run_bench(settings: BenchSettings,
         done = done._replace(model=model)
         warmup = _warmup_prompt(http, settings, model)
         for index in range(settings.warmup):
-            done.warmups.append(send(http, settings, model, warmup, phase="warm-up",
-                                     round_index=index, stream=0, run_id=run_id))
+            done.warmups.append(
+                send(
+                    http,
+                    settings,
+                    model,
+                    warmup,
+                    phase="warm-up",
+                    round_index=index,
+                    stream=0,
+                    run_id=run_id,
+                )
+            )
         with ThreadPoolExecutor(settings.concurrency) as pool:
             for item in prepared:
                 try:
                     for round_index in range(settings.repeat):
                         phase = COLD if round_index == 0 else WARM
                         futures = [
-                            pool.submit(send, http, settings, model, item, phase=phase,
-                                        round_index=round_index, stream=stream, run_id=run_id)
+                            pool.submit(
+                                send,
+                                http,
+                                settings,
+                                model,
+                                item,
+                                phase=phase,
+                                round_index=round_index,
+                                stream=stream,
+                                run_id=run_id,
+                            )
                             for stream in range(settings.concurrency)
                         ]
                         wait(futures)  # all of the round, even if one failed
@@ -216,4 +263,3 @@ def settings_dict(settings: BenchSettings) -> dict[str, Any]:
     out["chat_types"] = list(settings.chat_types)
     out["media"] = list(settings.media)
     return out
-

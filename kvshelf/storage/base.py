@@ -95,7 +95,7 @@ class Store(ABC):
     def stats(self) -> StoreStats:
         """A snapshot of this tier's counters and gauges."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional to override, so not abstract
         """Release resources. The default does nothing."""
 
 

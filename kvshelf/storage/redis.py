@@ -512,9 +512,7 @@ class RedisStore(Store):
             first = what not in self._warned
             self._warned.add(what)
         if first:
-            logger.warning(
-                "remote tier: %s rejected a %s: %s", self.url, what, self._scrub(result)
-            )
+            logger.warning("remote tier: %s rejected a %s: %s", self.url, what, self._scrub(result))
         return None
 
     def _unreachable(self, exc: Exception, halt: Halt | None = None) -> None:
@@ -529,17 +527,14 @@ class RedisStore(Store):
             first, self._refusing = not self._refusing, True
         if first:
             logger.warning(
-                "remote tier: %s refuses writes (%s); saves are dropped until it "
-                "accepts them",
+                "remote tier: %s refuses writes (%s); saves are dropped until it accepts them",
                 self.url,
                 self._scrub(exc),
             )
 
     def _corrupt(self, key: StoreKey, exc: CorruptEntry) -> None:
         self._counters.add(corrupt=1)
-        logger.warning(
-            "remote tier: removing corrupt entry %s: %s", head_key(key).decode(), exc
-        )
+        logger.warning("remote tier: removing corrupt entry %s: %s", head_key(key).decode(), exc)
 
     def _scrub(self, exc: Exception) -> str:
         text = f"{type(exc).__name__}: {exc}"

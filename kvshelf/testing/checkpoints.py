@@ -77,7 +77,7 @@ def meta_shapes(model_class: Any, config: Any, renames: Renames = ()) -> Shapes:
 def _rename(name: str, renames: Renames) -> str | None:
     for old, new in renames:
         if name.startswith(old):
-            return None if new is None else new + name[len(old):]
+            return None if new is None else new + name[len(old) :]
     return name
 
 

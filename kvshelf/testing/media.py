@@ -74,8 +74,9 @@ def wav_bytes(frequencies_hz: tuple[float, ...], duration_s: float) -> bytes:
     return buf.getvalue()
 
 
-def mp4_bytes(seed: int, num_frames: int = 16, fps: int = 8, size_px: int = 224,
-              height_px: int | None = None) -> bytes:
+def mp4_bytes(
+    seed: int, num_frames: int = 16, fps: int = 8, size_px: int = 224, height_px: int | None = None
+) -> bytes:
     """An MP4 (mpeg4) clip of a white box sliding over a changing background; square
     unless ``height_px`` is given."""
     import cv2
@@ -121,8 +122,10 @@ PAGE_MEDIA: dict[str, tuple[str, Callable[[], bytes]]] = {
     "boardwalk": ("boardwalk.jpg", lambda: image_bytes(11, 2560, 1707, fmt="JPEG")),
     "duck": ("duck.jpg", lambda: image_bytes(12, 1600, 1200, fmt="JPEG")),
     "lion": ("lion.jpg", lambda: image_bytes(13, 1600, 1067, fmt="JPEG")),
-    "video": ("video.mp4", lambda: mp4_bytes(14, num_frames=360, fps=24, size_px=1280,
-                                             height_px=720)),
+    "video": (
+        "video.mp4",
+        lambda: mp4_bytes(14, num_frames=360, fps=24, size_px=1280, height_px=720),
+    ),
     "audio": ("audio.wav", lambda: wav_bytes((220.0, 660.0, 1500.0), 10.0)),
     "audio_2": ("audio_2.wav", lambda: wav_bytes((300.0, 1200.0), 20.0)),
 }
@@ -141,8 +144,9 @@ def make_media(out_dir: str | os.PathLike[str]) -> dict[str, Path]:
     return _make(out_dir, MEDIA)
 
 
-def _make(out_dir: str | os.PathLike[str],
-          media: dict[str, tuple[str, Callable[[], bytes]]]) -> dict[str, Path]:
+def _make(
+    out_dir: str | os.PathLike[str], media: dict[str, tuple[str, Callable[[], bytes]]]
+) -> dict[str, Path]:
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}

@@ -90,8 +90,10 @@ _SERVE_ARGS: dict[str, tuple[str, ...]] = {
     "ovis2_5": (
         # The config class is a local Python file in the model dir (see ovis/).
         "--trust-remote-code",
-        "--limit-mm-per-prompt", json.dumps(_OVIS_LIMIT_MM),
-        "--media-io-kwargs", json.dumps(_OVIS_MEDIA_IO),
+        "--limit-mm-per-prompt",
+        json.dumps(_OVIS_LIMIT_MM),
+        "--media-io-kwargs",
+        json.dumps(_OVIS_MEDIA_IO),
     ),
     **reference.SERVE_ARGS,  # the page's flags
 }
@@ -120,8 +122,14 @@ def serve_args(family: str, *, dtype: str | None = None, dummy_weights: bool = F
     return args
 
 
-def build_model(family: str, out_dir: str | os.PathLike[str], size: str = "m", *,
-                dtype: str = "bfloat16", dummy_weights: bool = False) -> Path:
+def build_model(
+    family: str,
+    out_dir: str | os.PathLike[str],
+    size: str = "m",
+    *,
+    dtype: str = "bfloat16",
+    dummy_weights: bool = False,
+) -> Path:
     """Build (or reuse) a tiny random-weight `family` model in `out_dir`; returns its path.
 
     `dtype` is the default serving dtype written to config.json (weights are stored as
@@ -212,6 +220,7 @@ def _move_into_place(tmp: Path, out: Path, params: dict[str, Any]) -> None:
 
 # --- Qwen2-Audio: Qwen2 LM + Whisper-style audio encoder --------------------------------------
 
+
 def _write_qwen2_audio(out: Path, preset: SizePreset, dtype: str) -> Shapes:
     from transformers import (
         Qwen2AudioConfig,
@@ -223,28 +232,47 @@ def _write_qwen2_audio(out: Path, preset: SizePreset, dtype: str) -> Shapes:
     )
 
     tokenizer = build_tokenizer(
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>",
-                        "<|audio_bos|>", "<|audio_eos|>"],
+        special_tokens=[
+            "<|endoftext|>",
+            "<|im_start|>",
+            "<|im_end|>",
+            "<|AUDIO|>",
+            "<|audio_bos|>",
+            "<|audio_eos|>",
+        ],
         eos_token="<|endoftext|>",
         pad_token="<|endoftext|>",
     )
     audio_token_id = tokenizer.convert_tokens_to_ids("<|AUDIO|>")
     # 128 mel bins at 16 kHz, as in Qwen2-Audio-7B; vLLM resamples audio to 16 kHz.
-    features = WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, hop_length=160,
-                                       chunk_length=30, n_fft=400)
+    features = WhisperFeatureExtractor(
+        feature_size=128, sampling_rate=16000, hop_length=160, chunk_length=30, n_fft=400
+    )
     # The processor's default chat template is Qwen2-Audio's ChatML one.
     processor = Qwen2AudioProcessor(feature_extractor=features, tokenizer=tokenizer)
-    encoder = Qwen2AudioEncoderConfig(num_mel_bins=128, encoder_layers=2, encoder_attention_heads=4,
-                                      encoder_ffn_dim=128, d_model=64, max_source_positions=1500)
-    text = Qwen2Config(
-        vocab_size=pad_vocab_size(len(tokenizer)), hidden_size=preset.hidden_size,
-        intermediate_size=preset.intermediate_size, num_hidden_layers=preset.num_layers,
-        num_attention_heads=preset.num_heads, num_key_value_heads=preset.num_kv_heads,
-        max_position_embeddings=8192, tie_word_embeddings=True,
-        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+    encoder = Qwen2AudioEncoderConfig(
+        num_mel_bins=128,
+        encoder_layers=2,
+        encoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        d_model=64,
+        max_source_positions=1500,
     )
-    config = Qwen2AudioConfig(audio_config=encoder, text_config=text, audio_token_index=audio_token_id,
-                              dtype=dtype)
+    text = Qwen2Config(
+        vocab_size=pad_vocab_size(len(tokenizer)),
+        hidden_size=preset.hidden_size,
+        intermediate_size=preset.intermediate_size,
+        num_hidden_layers=preset.num_layers,
+        num_attention_heads=preset.num_heads,
+        num_key_value_heads=preset.num_kv_heads,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    config = Qwen2AudioConfig(
+        audio_config=encoder, text_config=text, audio_token_index=audio_token_id, dtype=dtype
+    )
     # A config saved without a model has no architectures, and vLLM would pick its pooling
     # runner (no chat endpoint).
     config.architectures = ["Qwen2AudioForConditionalGeneration"]
@@ -253,9 +281,15 @@ def _write_qwen2_audio(out: Path, preset: SizePreset, dtype: str) -> Shapes:
     tokenizer.save_pretrained(out)
     # Published layout: audio_tower.*, multi_modal_projector.*, language_model.model.*; the
     # LM head is tied to the embeddings.
-    return meta_shapes(Qwen2AudioForConditionalGeneration, config, [
-        ("lm_head.", None), ("model.language_model.", "language_model.model."), ("model.", ""),
-    ])
+    return meta_shapes(
+        Qwen2AudioForConditionalGeneration,
+        config,
+        [
+            ("lm_head.", None),
+            ("model.language_model.", "language_model.model."),
+            ("model.", ""),
+        ],
+    )
 
 
 # --- Idefics3: Llama LM + SigLIP vision tower, images split into tiles ------------------------
@@ -289,29 +323,61 @@ def _write_idefics3(out: Path, preset: SizePreset, dtype: str) -> Shapes:
     # The PIL image processor: the default one needs torchvision, which is not installed.
     tile_tokens = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
     tokenizer = build_tokenizer(
-        special_tokens=["<unk>", "<|begin_of_text|>", "<end_of_utterance>", "<pad>",
-                        "<fake_token_around_image>", "<image>", "<global-img>", *tile_tokens],
-        eos_token="<end_of_utterance>", pad_token="<pad>", bos_token="<|begin_of_text|>",
-        unk_token="<unk>", chat_template=_IDEFICS3_CHAT_TEMPLATE,
+        special_tokens=[
+            "<unk>",
+            "<|begin_of_text|>",
+            "<end_of_utterance>",
+            "<pad>",
+            "<fake_token_around_image>",
+            "<image>",
+            "<global-img>",
+            *tile_tokens,
+        ],
+        eos_token="<end_of_utterance>",
+        pad_token="<pad>",
+        bos_token="<|begin_of_text|>",
+        unk_token="<unk>",
+        chat_template=_IDEFICS3_CHAT_TEMPLATE,
     )
     image_seq_len = (_IDEFICS3_TILE_PX // _IDEFICS3_PATCH_PX) ** 2 // _IDEFICS3_SCALE**2
-    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 2 * _IDEFICS3_TILE_PX},
-                                                max_image_size={"longest_edge": _IDEFICS3_TILE_PX})
-    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
-                                  image_seq_len=image_seq_len, chat_template=_IDEFICS3_CHAT_TEMPLATE)
-    vision = Idefics3VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                  num_attention_heads=4, image_size=_IDEFICS3_TILE_PX,
-                                  patch_size=_IDEFICS3_PATCH_PX)
-    text = LlamaConfig(
-        vocab_size=pad_vocab_size(len(tokenizer)), hidden_size=preset.hidden_size,
-        intermediate_size=preset.intermediate_size, num_hidden_layers=preset.num_layers,
-        num_attention_heads=preset.num_heads, num_key_value_heads=preset.num_kv_heads,
-        max_position_embeddings=8192, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    image_processor = Idefics3ImageProcessorPil(
+        size={"longest_edge": 2 * _IDEFICS3_TILE_PX},
+        max_image_size={"longest_edge": _IDEFICS3_TILE_PX},
     )
-    config = Idefics3Config(vision_config=vision, text_config=text, scale_factor=_IDEFICS3_SCALE,
-                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                            pad_token_id=tokenizer.pad_token_id, dtype=dtype)
+    processor = Idefics3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        image_seq_len=image_seq_len,
+        chat_template=_IDEFICS3_CHAT_TEMPLATE,
+    )
+    vision = Idefics3VisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=_IDEFICS3_TILE_PX,
+        patch_size=_IDEFICS3_PATCH_PX,
+    )
+    text = LlamaConfig(
+        vocab_size=pad_vocab_size(len(tokenizer)),
+        hidden_size=preset.hidden_size,
+        intermediate_size=preset.intermediate_size,
+        num_hidden_layers=preset.num_layers,
+        num_attention_heads=preset.num_heads,
+        num_key_value_heads=preset.num_kv_heads,
+        max_position_embeddings=8192,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = Idefics3Config(
+        vision_config=vision,
+        text_config=text,
+        scale_factor=_IDEFICS3_SCALE,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        pad_token_id=tokenizer.pad_token_id,
+        dtype=dtype,
+    )
     config.architectures = ["Idefics3ForConditionalGeneration"]  # see _write_qwen2_audio
     # save_pretrained warns "pad_token_id ... got 128002": that is transformers' default
     # Idefics3Config, built to diff against; this config's ids are valid.
@@ -328,14 +394,42 @@ def _write_idefics3(out: Path, preset: SizePreset, dtype: str) -> Shapes:
 _QWEN_FIRST_SPECIAL_ID = 151643
 _QWEN_VOCAB_SIZE = 151936
 _QWEN_SPECIALS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
-    "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-    "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+    "<tool_response>",
+    "</tool_response>",
+    "<think>",
+    "</think>",
 ]
-_OVIS_SPECIALS = ["<image>", "<video>", "<ovis_visual_atom>", "<ovis_image_start>",
-                  "<ovis_image_end>", "<ovis_video_start>", "<ovis_video_end>"]
+_OVIS_SPECIALS = [
+    "<image>",
+    "<video>",
+    "<ovis_visual_atom>",
+    "<ovis_image_start>",
+    "<ovis_image_end>",
+    "<ovis_video_start>",
+    "<ovis_video_end>",
+]
 _OVIS_CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}"
     "{{ m['content'] }}{% else %}{% for c in m['content'] %}"
@@ -351,8 +445,10 @@ def _write_ovis2_5(out: Path, preset: SizePreset, dtype: str) -> Shapes:
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
     tokenizer = build_tokenizer(
-        special_tokens=_QWEN_SPECIALS + _OVIS_SPECIALS, eos_token="<|im_end|>",
-        pad_token="<|endoftext|>", first_special_id=_QWEN_FIRST_SPECIAL_ID,
+        special_tokens=_QWEN_SPECIALS + _OVIS_SPECIALS,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        first_special_id=_QWEN_FIRST_SPECIAL_ID,
         chat_template=_OVIS_CHAT_TEMPLATE,
     )
     for token, token_id in (("<|image_pad|>", 151655), ("<ovis_image_start>", 151672)):
@@ -361,31 +457,55 @@ def _write_ovis2_5(out: Path, preset: SizePreset, dtype: str) -> Shapes:
     tokenizer.save_pretrained(out)
     # vLLM's own Ovis2_5Processor resizes images and then calls the image processor with an
     # explicit {height, width}; it only needs to normalise.
-    SiglipImageProcessorPil(size={"height": 448, "width": 448}, image_mean=[0.5] * 3,
-                            image_std=[0.5] * 3).save_pretrained(out)
+    SiglipImageProcessorPil(
+        size={"height": 448, "width": 448}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    ).save_pretrained(out)
     llm_config = {
-        "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"],
-        "vocab_size": _QWEN_VOCAB_SIZE, "hidden_size": preset.hidden_size,
-        "intermediate_size": preset.intermediate_size, "num_hidden_layers": preset.num_layers,
-        "num_attention_heads": preset.num_heads, "num_key_value_heads": preset.num_kv_heads,
-        "head_dim": preset.head_dim, "max_position_embeddings": 40960, "rope_theta": 1000000.0,
-        "tie_word_embeddings": True, "bos_token_id": 151643, "eos_token_id": 151645,
+        "model_type": "qwen3",
+        "architectures": ["Qwen3ForCausalLM"],
+        "vocab_size": _QWEN_VOCAB_SIZE,
+        "hidden_size": preset.hidden_size,
+        "intermediate_size": preset.intermediate_size,
+        "num_hidden_layers": preset.num_layers,
+        "num_attention_heads": preset.num_heads,
+        "num_key_value_heads": preset.num_kv_heads,
+        "head_dim": preset.head_dim,
+        "max_position_embeddings": 40960,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": True,
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
         "dtype": dtype,
     }
     vit_config = {
-        "model_type": "siglip2_navit", "hidden_size": 64, "intermediate_size": 128,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_channels": 3, "num_patches": -1,
+        "model_type": "siglip2_navit",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_channels": 3,
+        "num_patches": -1,
         # 32 px patches, stride 2: a 448x448 image or frame becomes 7x7 = 49 tokens.
-        "image_size": 512, "patch_size": 32, "hidden_stride": 2, "window_size": 112,
-        "fullatt_block_indexes": None, "temporal_patch_size": 1, "preserve_original_pe": True,
-        "use_rope": True, "hidden_act": "gelu_pytorch_tanh",
+        "image_size": 512,
+        "patch_size": 32,
+        "hidden_stride": 2,
+        "window_size": 112,
+        "fullatt_block_indexes": None,
+        "temporal_patch_size": 1,
+        "preserve_original_pe": True,
+        "use_rope": True,
+        "hidden_act": "gelu_pytorch_tanh",
     }
     config = {
-        "architectures": ["Ovis2_5"], "model_type": "ovis2_5",
+        "architectures": ["Ovis2_5"],
+        "model_type": "ovis2_5",
         "auto_map": {"AutoConfig": "configuration_ovis2_5.Ovis2_5_Config"},
         # The visual head predicts visual_vocab_size - 4 classes plus 4 indicator tokens.
-        "hidden_size": preset.hidden_size, "visual_vocab_size": 516, "dtype": dtype,
-        "llm_config": llm_config, "vit_config": vit_config,
+        "hidden_size": preset.hidden_size,
+        "visual_vocab_size": 516,
+        "dtype": dtype,
+        "llm_config": llm_config,
+        "vit_config": vit_config,
     }
     write_json(out / "config.json", config)
     write_json(out / "generation_config.json", {"bos_token_id": 151643, "eos_token_id": 151645})
@@ -393,8 +513,9 @@ def _write_ovis2_5(out: Path, preset: SizePreset, dtype: str) -> Shapes:
     return _ovis2_5_shapes(llm_config, vit_config, config["visual_vocab_size"])
 
 
-def _ovis2_5_shapes(llm_config: dict[str, Any], vit_config: dict[str, Any],
-                    visual_vocab_size: int) -> Shapes:
+def _ovis2_5_shapes(
+    llm_config: dict[str, Any], vit_config: dict[str, Any], visual_vocab_size: int
+) -> Shapes:
     """vLLM's Ovis2_5 tensors: a Qwen3 LM, a SigLIP-shaped ViT and the visual head/embedding.
 
     There is no transformers class for Ovis2.5; its ViT has SigLIP's tensors (vLLM's
@@ -402,11 +523,21 @@ def _ovis2_5_shapes(llm_config: dict[str, Any], vit_config: dict[str, Any],
     """
     from transformers import Qwen3Config, Qwen3ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
-    skip = {"model_type", "architectures", "hidden_stride", "window_size", "fullatt_block_indexes",
-            "temporal_patch_size", "preserve_original_pe", "use_rope", "num_patches"}
+    skip = {
+        "model_type",
+        "architectures",
+        "hidden_stride",
+        "window_size",
+        "fullatt_block_indexes",
+        "temporal_patch_size",
+        "preserve_original_pe",
+        "use_rope",
+        "num_patches",
+    }
     llm = Qwen3Config(**{k: v for k, v in llm_config.items() if k not in skip})
-    vit = SiglipVisionConfig(**{k: v for k, v in vit_config.items() if k not in skip},
-                             vision_use_head=False)
+    vit = SiglipVisionConfig(
+        **{k: v for k, v in vit_config.items() if k not in skip}, vision_use_head=False
+    )
     shapes = meta_shapes(Qwen3ForCausalLM, llm, [("lm_head.", None), ("model.", "llm.model.")])
     vit_prefix = "visual_tokenizer.vit.vision_model."
     shapes |= meta_shapes(SiglipVisionModel, vit, [("vision_model.", vit_prefix), ("", vit_prefix)])
@@ -431,17 +562,25 @@ _SLIDING_WINDOW = 64  # tokens: far below the test prompts, so the window really
 
 
 def chatml_tokenizer():
-    return build_tokenizer(special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                           eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                           chat_template=_CHATML_TEMPLATE)
+    return build_tokenizer(
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        chat_template=_CHATML_TEMPLATE,
+    )
 
 
 def _common_text(tokenizer, preset: SizePreset, dtype: str) -> dict[str, Any]:
     return {
-        "vocab_size": pad_vocab_size(len(tokenizer)), "hidden_size": preset.hidden_size,
-        "intermediate_size": preset.intermediate_size, "num_attention_heads": preset.num_heads,
-        "num_key_value_heads": preset.num_kv_heads, "max_position_embeddings": 8192, "dtype": dtype,
-        "bos_token_id": tokenizer.eos_token_id, "eos_token_id": tokenizer.eos_token_id,
+        "vocab_size": pad_vocab_size(len(tokenizer)),
+        "hidden_size": preset.hidden_size,
+        "intermediate_size": preset.intermediate_size,
+        "num_attention_heads": preset.num_heads,
+        "num_key_value_heads": preset.num_kv_heads,
+        "max_position_embeddings": 8192,
+        "dtype": dtype,
+        "bos_token_id": tokenizer.eos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
 
@@ -454,8 +593,9 @@ def _alternating(num_layers: int, local: str, other: str) -> list[str]:
 def _save_text_model(out: Path, config: Any, tokenizer, model_class: Any) -> Shapes:
     config.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return meta_shapes(model_class, config, [("lm_head.", None)] if config.tie_word_embeddings
-                        else ())
+    return meta_shapes(
+        model_class, config, [("lm_head.", None)] if config.tie_word_embeddings else ()
+    )
 
 
 def write_gemma3_text(out: Path, text: dict[str, Any], dtype: str, weights: bool = True) -> Shapes:
@@ -467,13 +607,20 @@ def write_gemma3_text(out: Path, text: dict[str, Any], dtype: str, weights: bool
     text = dict(text)
     every = text.pop("sliding_window_pattern", 2)
     num_layers = text.pop("num_hidden_layers")
-    layers = ["full_attention" if (i + 1) % every == 0 else "sliding_attention"
-              for i in range(num_layers)]
-    common = {"vocab_size": pad_vocab_size(len(tokenizer)), "max_position_embeddings": 40960,
-                  "dtype": dtype, "bos_token_id": tokenizer.eos_token_id,
-                  "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
-    config = Gemma3TextConfig(**common, **text, num_hidden_layers=num_layers, layer_types=layers,
-                              tie_word_embeddings=True)
+    layers = [
+        "full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(num_layers)
+    ]
+    common = {
+        "vocab_size": pad_vocab_size(len(tokenizer)),
+        "max_position_embeddings": 40960,
+        "dtype": dtype,
+        "bos_token_id": tokenizer.eos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    config = Gemma3TextConfig(
+        **common, **text, num_hidden_layers=num_layers, layer_types=layers, tie_word_embeddings=True
+    )
     config.architectures = ["Gemma3ForCausalLM"]
     config.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -482,11 +629,19 @@ def write_gemma3_text(out: Path, text: dict[str, Any], dtype: str, weights: bool
 
 def _write_gemma3(out: Path, preset: SizePreset, dtype: str) -> Shapes:
     """Gemma 3 text: sliding-window layers with a global one every 2nd layer here."""
-    return write_gemma3_text(out, {
-        "hidden_size": preset.hidden_size, "intermediate_size": preset.intermediate_size,
-        "num_attention_heads": preset.num_heads, "num_key_value_heads": preset.num_kv_heads,
-        "head_dim": preset.head_dim, "num_hidden_layers": max(4, preset.num_layers),
-        "sliding_window": _SLIDING_WINDOW}, dtype)
+    return write_gemma3_text(
+        out,
+        {
+            "hidden_size": preset.hidden_size,
+            "intermediate_size": preset.intermediate_size,
+            "num_attention_heads": preset.num_heads,
+            "num_key_value_heads": preset.num_kv_heads,
+            "head_dim": preset.head_dim,
+            "num_hidden_layers": max(4, preset.num_layers),
+            "sliding_window": _SLIDING_WINDOW,
+        },
+        dtype,
+    )
 
 
 _GEMMA3_IMAGE_PX = 112  # 8x8 patches of 14 px, pooled to 4x4 = 16 tokens an image
@@ -512,37 +667,79 @@ def _write_gemma3_mm(out: Path, preset: SizePreset, dtype: str) -> Shapes:
         SiglipVisionConfig,
     )
 
-    names = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
-             "image_token": "<image_soft_token>"}
+    names = {
+        "boi_token": "<start_of_image>",
+        "eoi_token": "<end_of_image>",
+        "image_token": "<image_soft_token>",
+    }
     tokenizer = build_tokenizer(
         # vLLM merges the newlines around an image as Gemma's vocabulary does: runs of
         # one to four newlines are single tokens there.
-        special_tokens=["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>",
-                        *names.values(), "\n", "\n\n", "\n\n\n", "\n\n\n\n"],
-        eos_token="<eos>", pad_token="<pad>", bos_token="<bos>",
-        chat_template=_GEMMA3_MM_TEMPLATE, named_tokens=names,
+        special_tokens=[
+            "<pad>",
+            "<eos>",
+            "<bos>",
+            "<start_of_turn>",
+            "<end_of_turn>",
+            *names.values(),
+            "\n",
+            "\n\n",
+            "\n\n\n",
+            "\n\n\n\n",
+        ],
+        eos_token="<eos>",
+        pad_token="<pad>",
+        bos_token="<bos>",
+        chat_template=_GEMMA3_MM_TEMPLATE,
+        named_tokens=names,
     )
     ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in names.items()}
     layers = _alternating(preset.num_layers, "sliding_attention", "full_attention")
-    text = Gemma3TextConfig(**_common_text(tokenizer, preset, dtype), head_dim=preset.head_dim,
-                            num_hidden_layers=len(layers), layer_types=layers,
-                            sliding_window=_SLIDING_WINDOW)
-    vision = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                num_attention_heads=4, image_size=_GEMMA3_IMAGE_PX, patch_size=14)
-    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=16,
-                          boi_token_index=ids["boi_token"], eoi_token_index=ids["eoi_token"],
-                          image_token_index=ids["image_token"], dtype=dtype)
+    text = Gemma3TextConfig(
+        **_common_text(tokenizer, preset, dtype),
+        head_dim=preset.head_dim,
+        num_hidden_layers=len(layers),
+        layer_types=layers,
+        sliding_window=_SLIDING_WINDOW,
+    )
+    vision = SiglipVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=_GEMMA3_IMAGE_PX,
+        patch_size=14,
+    )
+    config = Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=16,
+        boi_token_index=ids["boi_token"],
+        eoi_token_index=ids["eoi_token"],
+        image_token_index=ids["image_token"],
+        dtype=dtype,
+    )
     config.architectures = ["Gemma3ForConditionalGeneration"]
-    images = Gemma3ImageProcessorPil(size={"height": _GEMMA3_IMAGE_PX, "width": _GEMMA3_IMAGE_PX},
-                                  image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    processor = Gemma3Processor(image_processor=images, tokenizer=tokenizer,
-                                chat_template=_GEMMA3_MM_TEMPLATE, image_seq_length=16)
+    images = Gemma3ImageProcessorPil(
+        size={"height": _GEMMA3_IMAGE_PX, "width": _GEMMA3_IMAGE_PX},
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    )
+    processor = Gemma3Processor(
+        image_processor=images,
+        tokenizer=tokenizer,
+        chat_template=_GEMMA3_MM_TEMPLATE,
+        image_seq_length=16,
+    )
     config.save_pretrained(out)
     processor.save_pretrained(out)
     tokenizer.save_pretrained(out)
     # Published checkpoints nest the tower as SigLIP's vision_model; transformers 5 does not.
-    return meta_shapes(Gemma3ForConditionalGeneration, config, [
-        ("lm_head.", None), ("model.vision_tower.", "model.vision_tower.vision_model.")])
+    return meta_shapes(
+        Gemma3ForConditionalGeneration,
+        config,
+        [("lm_head.", None), ("model.vision_tower.", "model.vision_tower.vision_model.")],
+    )
 
 
 def _write_granite_hybrid(out: Path, preset: SizePreset, dtype: str) -> Shapes:
@@ -552,11 +749,20 @@ def _write_granite_hybrid(out: Path, preset: SizePreset, dtype: str) -> Shapes:
     tokenizer = chatml_tokenizer()
     layers = _alternating(preset.num_layers, "mamba", "attention")
     config = GraniteMoeHybridConfig(
-        **_common_text(tokenizer, preset, dtype), shared_intermediate_size=preset.intermediate_size,
-        num_local_experts=0, num_experts_per_tok=0, num_hidden_layers=len(layers),
-        layer_types=layers, mamba_n_heads=8, mamba_d_head=preset.hidden_size * 2 // 8,
-        mamba_n_groups=1, mamba_d_state=64, mamba_d_conv=4, mamba_expand=2,
-        position_embedding_type="rope", tie_word_embeddings=True,
+        **_common_text(tokenizer, preset, dtype),
+        shared_intermediate_size=preset.intermediate_size,
+        num_local_experts=0,
+        num_experts_per_tok=0,
+        num_hidden_layers=len(layers),
+        layer_types=layers,
+        mamba_n_heads=8,
+        mamba_d_head=preset.hidden_size * 2 // 8,
+        mamba_n_groups=1,
+        mamba_d_state=64,
+        mamba_d_conv=4,
+        mamba_expand=2,
+        position_embedding_type="rope",
+        tie_word_embeddings=True,
     )
     config.architectures = ["GraniteMoeHybridForCausalLM"]
     return _save_text_model(out, config, tokenizer, GraniteMoeHybridForCausalLM)
@@ -571,17 +777,29 @@ def _write_qwen3_5(out: Path, preset: SizePreset, dtype: str) -> Shapes:
     tokenizer = chatml_tokenizer()
     layers = _alternating(preset.num_layers, "linear_attention", "full_attention")
     config = Qwen3_5TextConfig(
-        **_common_text(tokenizer, preset, dtype), head_dim=max(64, preset.head_dim),
-        num_hidden_layers=len(layers), layer_types=layers, linear_num_key_heads=2,
-        linear_num_value_heads=4, linear_key_head_dim=128, linear_value_head_dim=128,
+        **_common_text(tokenizer, preset, dtype),
+        head_dim=max(64, preset.head_dim),
+        num_hidden_layers=len(layers),
+        layer_types=layers,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=128,
+        linear_value_head_dim=128,
         tie_word_embeddings=True,
     )
     config.architectures = ["Qwen3_5ForCausalLM"]
     return _save_text_model(out, config, tokenizer, Qwen3_5ForCausalLM)
 
 
-_QWEN_VL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
-                     "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+_QWEN_VL_SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 _QWEN_VL_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}"
     "{{ m['content'] }}{% else %}{% for c in m['content'] %}"
@@ -600,26 +818,51 @@ def write_qwen3_5_vl(out: Path, text: dict[str, Any], vision: dict[str, Any], dt
     from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
     from transformers.models.qwen3_5 import Qwen3_5Config
 
-    tokenizer = build_tokenizer(special_tokens=_QWEN_VL_SPECIALS, eos_token="<|im_end|>",
-                                pad_token="<|endoftext|>", chat_template=_QWEN_VL_TEMPLATE)
-    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
-        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    tokenizer = build_tokenizer(
+        special_tokens=_QWEN_VL_SPECIALS,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=_QWEN_VL_TEMPLATE,
+    )
+    ids = {
+        name: tokenizer.convert_tokens_to_ids(tok)
+        for name, tok in (
+            ("image_token_id", "<|image_pad|>"),
+            ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"),
+            ("vision_end_token_id", "<|vision_end|>"),
+        )
+    }
     pixels = {"shortest_edge": 56 * 56, "longest_edge": 224 * 224}
     processor = Qwen3VLProcessor(
         image_processor=Qwen2VLImageProcessor(size=pixels, patch_size=16, merge_size=2),
         video_processor=Qwen3VLVideoProcessor(size=pixels, patch_size=16, merge_size=2),
-        tokenizer=tokenizer, chat_template=_QWEN_VL_TEMPLATE,
+        tokenizer=tokenizer,
+        chat_template=_QWEN_VL_TEMPLATE,
     )
     text_config = dict(
-        vocab_size=pad_vocab_size(len(tokenizer)), max_position_embeddings=40960, dtype=dtype,
-        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, **text,
+        vocab_size=pad_vocab_size(len(tokenizer)),
+        max_position_embeddings=40960,
+        dtype=dtype,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **text,
     )
-    vision_config = dict(patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
-                         out_hidden_size=text["hidden_size"], **vision)
-    config = Qwen3_5Config(text_config=text_config, vision_config=vision_config,
-                           tie_word_embeddings=True, dtype=dtype, **ids)
+    vision_config = dict(
+        patch_size=16,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        out_hidden_size=text["hidden_size"],
+        **vision,
+    )
+    config = Qwen3_5Config(
+        text_config=text_config,
+        vision_config=vision_config,
+        tie_word_embeddings=True,
+        dtype=dtype,
+        **ids,
+    )
     config.architectures = ["Qwen3_5ForConditionalGeneration"]
     config.save_pretrained(out)
     processor.save_pretrained(out)

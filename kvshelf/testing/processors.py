@@ -91,8 +91,9 @@ class Phi3VImageProcessor(ImageProcessingMixin):
     def num_image_tokens(self, width: int, height: int) -> int:
         return phi3v_num_image_tokens(width, height, self.num_crops)
 
-    def __call__(self, images: Any, return_tensors: str | None = None,
-                 **kwargs: Any) -> BatchFeature:
+    def __call__(
+        self, images: Any, return_tensors: str | None = None, **kwargs: Any
+    ) -> BatchFeature:
         images = images if isinstance(images, (list, tuple)) else [images]
         pixel_values, sizes = [], []
         for image in images:
@@ -108,12 +109,17 @@ class Phi3VImageProcessor(ImageProcessingMixin):
         image = _to_pil(image).convert("RGB")
         padded_w, padded_h = hd_size(image.width, image.height, self.num_crops)
         landscape = image.width >= image.height
-        scaled = (padded_w, round(image.height * padded_w / image.width)) if landscape \
+        scaled = (
+            (padded_w, round(image.height * padded_w / image.width))
+            if landscape
             else (round(image.width * padded_h / image.height), padded_h)
+        )
         scaled = (min(max(1, scaled[0]), padded_w), min(max(1, scaled[1]), padded_h))
         canvas = Image.new("RGB", (padded_w, padded_h), (255, 255, 255))
-        canvas.paste(image.resize(scaled, Image.BICUBIC),
-                     ((padded_w - scaled[0]) // 2, (padded_h - scaled[1]) // 2))
+        canvas.paste(
+            image.resize(scaled, Image.BICUBIC),
+            ((padded_w - scaled[0]) // 2, (padded_h - scaled[1]) // 2),
+        )
         views = [canvas.resize((CROP_PX, CROP_PX), Image.BICUBIC)]
         for top in range(0, padded_h, CROP_PX):
             for left in range(0, padded_w, CROP_PX):
@@ -130,16 +136,26 @@ class Phi3VProcessor(ProcessorMixin):
     """Tokenizer + HD image processor. In ``input_ids`` the tag ``<|image_i|>`` becomes a
     run of ``-i`` as long as image i's token count, as Phi-3.5-vision's own processor does."""
 
-    def __init__(self, image_processor: Any = None, tokenizer: Any = None,
-                 chat_template: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        image_processor: Any = None,
+        tokenizer: Any = None,
+        chat_template: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
         self.img_tokens = [f"<|image_{i}|>" for i in range(1, _MAX_IMAGE_TAGS + 1)]
 
     def calc_num_image_tokens_from_image_size(self, width: int, height: int) -> int:
         return self.image_processor.num_image_tokens(width, height)
 
-    def __call__(self, text: str | list[str] | None = None, images: Any = None,
-                 return_tensors: str | None = None, **kwargs: Any) -> BatchFeature:
+    def __call__(
+        self,
+        text: str | list[str] | None = None,
+        images: Any = None,
+        return_tensors: str | None = None,
+        **kwargs: Any,
+    ) -> BatchFeature:
         data: dict[str, Any] = {}
         sizes: list[tuple[int, int]] = []
         if images is not None:
@@ -165,8 +181,9 @@ class Phi3VProcessor(ProcessorMixin):
                 continue
             number = int(piece)
             if not 1 <= number <= len(token_counts):
-                raise ValueError(f"<|image_{number}|> in the text, but {len(token_counts)} "
-                                 "image(s) given")
+                raise ValueError(
+                    f"<|image_{number}|> in the text, but {len(token_counts)} image(s) given"
+                )
             ids += [-number] * token_counts[number - 1]
         return ids
 
@@ -201,9 +218,15 @@ class UltravoxProcessor(ProcessorMixin):
     """Whisper log-mel features per chunk of at most ``chunk_length`` seconds, and the
     ``<|audio|>`` placeholder expanded to the audio's token count in ``input_ids``."""
 
-    def __init__(self, audio_processor: Any = None, tokenizer: Any = None,
-                 chat_template: str | None = None, stack_factor: int = 8,
-                 audio_placeholder: str = AUDIO_PLACEHOLDER, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        audio_processor: Any = None,
+        tokenizer: Any = None,
+        chat_template: str | None = None,
+        stack_factor: int = 8,
+        audio_placeholder: str = AUDIO_PLACEHOLDER,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(audio_processor, tokenizer, chat_template=chat_template)
         self.stack_factor = stack_factor
         self.audio_placeholder = audio_placeholder
@@ -211,10 +234,16 @@ class UltravoxProcessor(ProcessorMixin):
         self.audio_token_replacement = audio_placeholder
         self.audio_replacement_token_id = tokenizer.convert_tokens_to_ids(audio_placeholder)
 
-    def __call__(self, text: str | list[str] | None = None, audios: Any = None,
-                 audio: Any = None, sampling_rate: int | None = None,
-                 include_audio_num_chunks: bool = False, return_tensors: str | None = None,
-                 **kwargs: Any) -> BatchFeature:
+    def __call__(
+        self,
+        text: str | list[str] | None = None,
+        audios: Any = None,
+        audio: Any = None,
+        sampling_rate: int | None = None,
+        include_audio_num_chunks: bool = False,
+        return_tensors: str | None = None,
+        **kwargs: Any,
+    ) -> BatchFeature:
         audios = audios if audios is not None else audio
         if audios is not None and not isinstance(audios, (list, tuple)):
             audios = [audios]
@@ -231,24 +260,27 @@ class UltravoxProcessor(ProcessorMixin):
             data["attention_mask"] = [[1] * len(row) for row in ids]
         return BatchFeature(data, tensor_type=return_tensors)
 
-    def _features(self, audios: list[Any], sampling_rate: int | None
-                  ) -> tuple[dict[str, Any], list[int]]:
+    def _features(
+        self, audios: list[Any], sampling_rate: int | None
+    ) -> tuple[dict[str, Any], list[int]]:
         extractor = self.audio_processor
         rate = sampling_rate or extractor.sampling_rate
         if rate != extractor.sampling_rate:
-            raise ValueError(f"audio at {rate} Hz; this processor takes "
-                             f"{extractor.sampling_rate} Hz")
+            raise ValueError(
+                f"audio at {rate} Hz; this processor takes {extractor.sampling_rate} Hz"
+            )
         chunk_samples = extractor.chunk_length * rate
         mels, lens, token_lens, num_chunks = [], [], [], []
         for samples in audios:
             samples = np.asarray(samples, np.float32).reshape(-1)
             starts = range(0, max(len(samples), 1), chunk_samples)
             for start in starts:
-                chunk = samples[start:start + chunk_samples]
+                chunk = samples[start : start + chunk_samples]
                 if len(chunk) < extractor.n_fft:  # the STFT needs one window
                     chunk = np.pad(chunk, (0, extractor.n_fft - len(chunk)))
-                mel = extractor(chunk, sampling_rate=rate, padding="longest",
-                                return_tensors="np")["input_features"][0]
+                mel = extractor(chunk, sampling_rate=rate, padding="longest", return_tensors="np")[
+                    "input_features"
+                ][0]
                 mels.append(mel)
                 lens.append(mel.shape[-1])
                 token_lens.append(ultravox_num_tokens(mel.shape[-1], self.stack_factor))
@@ -257,19 +289,25 @@ class UltravoxProcessor(ProcessorMixin):
         values = np.zeros((len(mels), mels[0].shape[0], width), np.float32)
         for i, mel in enumerate(mels):
             values[i, :, : mel.shape[-1]] = mel
-        data = {"audio_values": values, "audio_lens": np.array(lens),
-                "audio_token_len": np.array(token_lens), "audio_num_chunks": np.array(num_chunks)}
+        data = {
+            "audio_values": values,
+            "audio_lens": np.array(lens),
+            "audio_token_len": np.array(token_lens),
+            "audio_num_chunks": np.array(num_chunks),
+        }
         tokens, at = [], 0
         for count in num_chunks:
-            tokens.append(int(sum(token_lens[at:at + count])))
+            tokens.append(int(sum(token_lens[at : at + count])))
             at += count
         return data, tokens
 
     def _expand(self, text: str, tokens_per_audio: list[int]) -> list[int]:
         pieces = text.split(self.audio_placeholder)
         if len(pieces) - 1 > len(tokens_per_audio):
-            raise ValueError(f"{len(pieces) - 1} {self.audio_placeholder} in the text, but "
-                             f"{len(tokens_per_audio)} audio(s) given")
+            raise ValueError(
+                f"{len(pieces) - 1} {self.audio_placeholder} in the text, but "
+                f"{len(tokens_per_audio)} audio(s) given"
+            )
         ids: list[int] = []
         for i, piece in enumerate(pieces):
             if i:

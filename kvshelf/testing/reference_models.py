@@ -56,14 +56,21 @@ REQUEST_TYPES: dict[str, tuple[str, ...]] = {
 }
 # The page's chat type for each model.
 PAGE_CHAT_TYPE: dict[str, str] = {
-    "llava": "single-image", "phi3_v": "multi-image", "llava_onevision": "video",
+    "llava": "single-image",
+    "phi3_v": "multi-image",
+    "llava_onevision": "video",
     "ultravox": "audio",
 }
 # The page's serve flags, verbatim.
 SERVE_ARGS: dict[str, tuple[str, ...]] = {
     "llava": (),
-    "phi3_v": ("--trust-remote-code", "--max-model-len", "4096",
-               "--limit-mm-per-prompt", '{"image":2}'),
+    "phi3_v": (
+        "--trust-remote-code",
+        "--max-model-len",
+        "4096",
+        "--limit-mm-per-prompt",
+        '{"image":2}',
+    ),
     "llava_onevision": (),
     "ultravox": ("--max-model-len", "4096", "--trust-remote-code"),
 }
@@ -78,16 +85,30 @@ _CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 def _tiny_text(preset: SizePreset) -> dict[str, Any]:
-    return {"hidden_size": preset.hidden_size, "intermediate_size": preset.intermediate_size,
-            "num_hidden_layers": preset.num_layers, "num_attention_heads": preset.num_heads,
-            "num_key_value_heads": preset.num_kv_heads}
+    return {
+        "hidden_size": preset.hidden_size,
+        "intermediate_size": preset.intermediate_size,
+        "num_hidden_layers": preset.num_layers,
+        "num_attention_heads": preset.num_heads,
+        "num_key_value_heads": preset.num_kv_heads,
+    }
 
 
 # Tiny towers; the real ones are in REAL_SHAPES.
-_TINY_VISION = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                "num_attention_heads": 4, "image_size": 112, "patch_size": 14}
-_TINY_WHISPER = {"d_model": 64, "encoder_layers": 2, "encoder_attention_heads": 4,
-                 "encoder_ffn_dim": 128}
+_TINY_VISION = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": 112,
+    "patch_size": 14,
+}
+_TINY_WHISPER = {
+    "d_model": 64,
+    "encoder_layers": 2,
+    "encoder_attention_heads": 4,
+    "encoder_ffn_dim": 128,
+}
 
 
 def _nested_tower(prefix: str, to: str | None = None) -> list[tuple[str, str | None]]:
@@ -116,8 +137,9 @@ _LLAVA_TEMPLATE = (
 )
 
 
-def write_llava(out: Path, text: dict[str, Any], vision: dict[str, Any], dtype: str,
-                real_ids: bool = False) -> Shapes:
+def write_llava(
+    out: Path, text: dict[str, Any], vision: dict[str, Any], dtype: str, real_ids: bool = False
+) -> Shapes:
     """LLaVA-1.5: a CLIP tower (feature layer -2, CLS dropped: (image/patch)^2 tokens an
     image) and a Llama text model. ``real_ids`` puts ``<image>`` at 32000, as in the
     published tokenizer."""
@@ -131,31 +153,51 @@ def write_llava(out: Path, text: dict[str, Any], vision: dict[str, Any], dtype: 
     )
 
     specials = ["<image>", "<pad>", "<unk>", "<s>", "</s>"]
-    tokenizer = build_tokenizer(special_tokens=specials, eos_token="</s>", pad_token="<pad>",
-                                bos_token="<s>", unk_token="<unk>", chat_template=_LLAVA_TEMPLATE,
-                                first_special_id=32000 if real_ids else None)
+    tokenizer = build_tokenizer(
+        special_tokens=specials,
+        eos_token="</s>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        unk_token="<unk>",
+        chat_template=_LLAVA_TEMPLATE,
+        first_special_id=32000 if real_ids else None,
+    )
     image_id = tokenizer.convert_tokens_to_ids("<image>")
-    text = {"vocab_size": pad_vocab_size(len(tokenizer)), "max_position_embeddings": 4096,
-            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id, **text}
+    text = {
+        "vocab_size": pad_vocab_size(len(tokenizer)),
+        "max_position_embeddings": 4096,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        **text,
+    }
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(**vision, hidden_act="quick_gelu"),
-        text_config=LlamaConfig(**text), image_token_index=image_id, vision_feature_layer=-2,
-        vision_feature_select_strategy="default", projector_hidden_act="gelu", dtype=dtype)
+        text_config=LlamaConfig(**text),
+        image_token_index=image_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        dtype=dtype,
+    )
     config.architectures = ["LlavaForConditionalGeneration"]
     side = vision["image_size"]
     # CLIPImageProcessor: the torchvision one where it is installed, its PIL twin elsewhere.
-    images = CLIPImageProcessor(size={"shortest_edge": side},
-                                crop_size={"height": side, "width": side})
-    processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer,
-                               patch_size=vision["patch_size"], num_additional_image_tokens=1,
-                               vision_feature_select_strategy="default",
-                               chat_template=_LLAVA_TEMPLATE)
+    images = CLIPImageProcessor(
+        size={"shortest_edge": side}, crop_size={"height": side, "width": side}
+    )
+    processor = LlavaProcessor(
+        image_processor=images,
+        tokenizer=tokenizer,
+        patch_size=vision["patch_size"],
+        num_additional_image_tokens=1,
+        vision_feature_select_strategy="default",
+        chat_template=_LLAVA_TEMPLATE,
+    )
     config.save_pretrained(out)
     processor.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return meta_shapes(LlavaForConditionalGeneration, config,
-                       _nested_tower("model.vision_tower."))
+    return meta_shapes(LlavaForConditionalGeneration, config, _nested_tower("model.vision_tower."))
 
 
 # --- Phi-3.5-vision: CLIP ViT-L/336 with the HD transform + Phi-3 -----------------------------
@@ -166,15 +208,29 @@ _PHI3_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 # Phi-3's added tokens from id 32000, as far as a prompt uses them.
-_PHI3_SPECIALS = {0: "<|endoftext|>", 1: "<|assistant|>", 6: "<|system|>", 7: "<|end|>",
-                  10: "<|user|>", _PHI3_IMAGE_ID - 32000: "<|image|>"}
-_CLIP_L_336 = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
-               "num_attention_heads": 16, "image_size": 336, "patch_size": 14,
-               "projection_dim": 768, "hidden_act": "quick_gelu"}
+_PHI3_SPECIALS = {
+    0: "<|endoftext|>",
+    1: "<|assistant|>",
+    6: "<|system|>",
+    7: "<|end|>",
+    10: "<|user|>",
+    _PHI3_IMAGE_ID - 32000: "<|image|>",
+}
+_CLIP_L_336 = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "image_size": 336,
+    "patch_size": 14,
+    "projection_dim": 768,
+    "hidden_act": "quick_gelu",
+}
 
 
-def write_phi3_v(out: Path, text: dict[str, Any], clip_layer: int, dtype: str,
-                 num_crops: int = 4) -> Shapes:
+def write_phi3_v(
+    out: Path, text: dict[str, Any], clip_layer: int, dtype: str, num_crops: int = 4
+) -> Shapes:
     """Phi-3.5-vision: vLLM builds CLIP ViT-L/336 up to ``clip_layer`` (the real model:
     -2, all but the last of 24; tiny: 0, one layer); images go through the HD transform
     into at most ``num_crops`` 336-px crops plus a global view."""
@@ -182,44 +238,87 @@ def write_phi3_v(out: Path, text: dict[str, Any], clip_layer: int, dtype: str,
 
     tokenizer = build_tokenizer(
         special_tokens=_reserved(_PHI3_SPECIALS, _PHI3_IMAGE_ID - 32000 + 1),
-        eos_token="<|end|>", pad_token="<|endoftext|>", first_special_id=32000,
-        chat_template=_PHI3_TEMPLATE)
+        eos_token="<|end|>",
+        pad_token="<|endoftext|>",
+        first_special_id=32000,
+        chat_template=_PHI3_TEMPLATE,
+    )
     if tokenizer.convert_tokens_to_ids("<|image|>") != _PHI3_IMAGE_ID:
         raise RuntimeError(f"<|image|> must have id {_PHI3_IMAGE_ID} for vLLM's phi3v.py")
-    text = {"vocab_size": 32064, "max_position_embeddings": 4096,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id, "tie_word_embeddings": False, **text}
-    vision = {"img_processor": {"image_dim_out": 1024, "layer_idx": clip_layer,
-                                "model_name": "openai/clip-vit-large-patch14-336",
-                                "name": "clip_vision_model", "num_img_tokens": 144,
-                                "type_feature": "patch"},
-              "embd_layer": {"embedding_cls": "image", "hd_transform_order": "sub_glb",
-                             "projection_cls": "mlp", "use_hd_transform": True,
-                             "with_learnable_separator": True}}
-    config = {**Phi3Config(**text).to_dict(), **vision, "model_type": "phi3_v", "dtype": dtype,
-              "architectures": ["Phi3VForCausalLM"],
-              "auto_map": {"AutoConfig": f"{_REMOTE}.Phi3VConfig",
-                           "AutoProcessor": f"{_REMOTE}.Phi3VProcessor"}}
+    text = {
+        "vocab_size": 32064,
+        "max_position_embeddings": 4096,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "tie_word_embeddings": False,
+        **text,
+    }
+    vision = {
+        "img_processor": {
+            "image_dim_out": 1024,
+            "layer_idx": clip_layer,
+            "model_name": "openai/clip-vit-large-patch14-336",
+            "name": "clip_vision_model",
+            "num_img_tokens": 144,
+            "type_feature": "patch",
+        },
+        "embd_layer": {
+            "embedding_cls": "image",
+            "hd_transform_order": "sub_glb",
+            "projection_cls": "mlp",
+            "use_hd_transform": True,
+            "with_learnable_separator": True,
+        },
+    }
+    config = {
+        **Phi3Config(**text).to_dict(),
+        **vision,
+        "model_type": "phi3_v",
+        "dtype": dtype,
+        "architectures": ["Phi3VForCausalLM"],
+        "auto_map": {
+            "AutoConfig": f"{_REMOTE}.Phi3VConfig",
+            "AutoProcessor": f"{_REMOTE}.Phi3VProcessor",
+        },
+    }
     config.pop("transformers_version", None)
     write_json(out / "config.json", config)
-    _write_remote_processor(out, "Phi3VProcessor", {}, {
-        "image_processor_type": "Phi3VImageProcessor", "num_crops": num_crops,
-        "auto_map": {"AutoImageProcessor": f"{_REMOTE}.Phi3VImageProcessor",
-                     "AutoProcessor": f"{_REMOTE}.Phi3VProcessor"}})
+    _write_remote_processor(
+        out,
+        "Phi3VProcessor",
+        {},
+        {
+            "image_processor_type": "Phi3VImageProcessor",
+            "num_crops": num_crops,
+            "auto_map": {
+                "AutoImageProcessor": f"{_REMOTE}.Phi3VImageProcessor",
+                "AutoProcessor": f"{_REMOTE}.Phi3VProcessor",
+            },
+        },
+    )
     tokenizer.save_pretrained(out)
     shapes = meta_shapes(Phi3ForCausalLM, Phi3Config(**text))
     clip = CLIPVisionConfig(**{**_CLIP_L_336, "num_hidden_layers": _clip_layers(clip_layer)})
     prefix = "model.vision_embed_tokens."
     # The truncated tower has no final norm.
-    shapes |= meta_shapes(CLIPVisionModel, clip, [
-        ("vision_model.post_layernorm.", None), ("post_layernorm.", None),
-        *_nested_tower("", prefix + "img_processor.")])
+    shapes |= meta_shapes(
+        CLIPVisionModel,
+        clip,
+        [
+            ("vision_model.post_layernorm.", None),
+            ("post_layernorm.", None),
+            *_nested_tower("", prefix + "img_processor."),
+        ],
+    )
     merged = 4 * _CLIP_L_336["hidden_size"]  # 2x2 patches merged into channels
-    shapes |= {prefix + "glb_GN": (1, 1, merged), prefix + "sub_GN": (1, 1, 1, merged),
-               prefix + "img_projection.0.weight": (text["hidden_size"], merged),
-               prefix + "img_projection.0.bias": (text["hidden_size"],),
-               prefix + "img_projection.2.weight": (text["hidden_size"], text["hidden_size"]),
-               prefix + "img_projection.2.bias": (text["hidden_size"],)}
+    shapes |= {
+        prefix + "glb_GN": (1, 1, merged),
+        prefix + "sub_GN": (1, 1, 1, merged),
+        prefix + "img_projection.0.weight": (text["hidden_size"], merged),
+        prefix + "img_projection.0.bias": (text["hidden_size"],),
+        prefix + "img_projection.2.weight": (text["hidden_size"], text["hidden_size"]),
+        prefix + "img_projection.2.bias": (text["hidden_size"],),
+    }
     return shapes
 
 
@@ -227,13 +326,19 @@ def _clip_layers(layer_idx: int) -> int:
     return layer_idx + 1 if layer_idx >= 0 else _CLIP_L_336["num_hidden_layers"] + layer_idx + 1
 
 
-def _write_remote_processor(out: Path, processor_class: str, processor: dict[str, Any],
-                            preprocessor: dict[str, Any]) -> None:
+def _write_remote_processor(
+    out: Path, processor_class: str, processor: dict[str, Any], preprocessor: dict[str, Any]
+) -> None:
     """processors.py as the dir's remote code, and the configs that name its classes."""
     shutil.copyfile(_PROCESSORS_SOURCE, out / REMOTE_CODE_FILE)
-    write_json(out / "processor_config.json", {
-        "processor_class": processor_class,
-        "auto_map": {"AutoProcessor": f"{_REMOTE}.{processor_class}"}, **processor})
+    write_json(
+        out / "processor_config.json",
+        {
+            "processor_class": processor_class,
+            "auto_map": {"AutoProcessor": f"{_REMOTE}.{processor_class}"},
+            **processor,
+        },
+    )
     write_json(out / "preprocessor_config.json", preprocessor)
 
 
@@ -250,8 +355,9 @@ _ONEVISION_TEMPLATE = (
 )
 
 
-def write_llava_onevision(out: Path, text: dict[str, Any], vision: dict[str, Any], dtype: str,
-                          real_ids: bool = False) -> Shapes:
+def write_llava_onevision(
+    out: Path, text: dict[str, Any], vision: dict[str, Any], dtype: str, real_ids: bool = False
+) -> Shapes:
     """LLaVA-OneVision: a SigLIP tower (all patches kept; a video frame pooled 2x2), anyres
     image grids up to 6x6 tiles (anyres_max_9) and a Qwen2 text model. ``real_ids`` puts
     ``<image>``/``<video>`` at Qwen's 151646/151647."""
@@ -265,37 +371,68 @@ def write_llava_onevision(out: Path, text: dict[str, Any], vision: dict[str, Any
 
     tokenizer = build_tokenizer(
         special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"],
-        eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=_ONEVISION_TEMPLATE,
-        first_special_id=151643 if real_ids else None)
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=_ONEVISION_TEMPLATE,
+        first_special_id=151643 if real_ids else None,
+    )
     ids = {name: tokenizer.convert_tokens_to_ids(f"<{name}>") for name in ("image", "video")}
-    text = {"vocab_size": pad_vocab_size(len(tokenizer)), "max_position_embeddings": 32768,
-            "rope_theta": 1000000.0, "tie_word_embeddings": False,
-            "bos_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id, **text}
+    text = {
+        "vocab_size": pad_vocab_size(len(tokenizer)),
+        "max_position_embeddings": 32768,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": False,
+        "bos_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        **text,
+    }
     side = vision["image_size"]
     pinpoints = [[side * i, side * j] for i in range(1, 7) for j in range(1, 7)]
     config = LlavaOnevisionConfig(
         vision_config=SiglipVisionConfig(**vision, vision_use_head=False),
-        text_config=Qwen2Config(**text), image_token_index=ids["image"],
-        video_token_index=ids["video"], image_grid_pinpoints=pinpoints, dtype=dtype)
+        text_config=Qwen2Config(**text),
+        image_token_index=ids["image"],
+        video_token_index=ids["video"],
+        image_grid_pinpoints=pinpoints,
+        dtype=dtype,
+    )
     config.architectures = ["LlavaOnevisionForConditionalGeneration"]
     config.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    images = LlavaOnevisionImageProcessor(size={"height": side, "width": side},
-                                          image_grid_pinpoints=pinpoints, do_pad=True,
-                                          image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    images = LlavaOnevisionImageProcessor(
+        size={"height": side, "width": side},
+        image_grid_pinpoints=pinpoints,
+        do_pad=True,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    )
     images.save_pretrained(out)
     # The video processor needs torchvision to be built, not to be described.
-    write_json(out / "video_preprocessor_config.json", {
-        "video_processor_type": "LlavaOnevisionVideoProcessor",
-        "size": {"height": side, "width": side}, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
-        "processor_class": "LlavaOnevisionProcessor"})
-    write_json(out / "processor_config.json", {
-        "processor_class": "LlavaOnevisionProcessor", "image_token": "<image>",
-        "video_token": "<video>", "num_image_tokens": (side // vision["patch_size"]) ** 2,
-        "vision_feature_select_strategy": "full", "vision_aspect_ratio": "anyres_max_9"})
-    return meta_shapes(LlavaOnevisionForConditionalGeneration, config,
-                       _nested_tower("model.vision_tower."))
+    write_json(
+        out / "video_preprocessor_config.json",
+        {
+            "video_processor_type": "LlavaOnevisionVideoProcessor",
+            "size": {"height": side, "width": side},
+            "image_mean": [0.5] * 3,
+            "image_std": [0.5] * 3,
+            "processor_class": "LlavaOnevisionProcessor",
+        },
+    )
+    write_json(
+        out / "processor_config.json",
+        {
+            "processor_class": "LlavaOnevisionProcessor",
+            "image_token": "<image>",
+            "video_token": "<video>",
+            "num_image_tokens": (side // vision["patch_size"]) ** 2,
+            "vision_feature_select_strategy": "full",
+            "vision_aspect_ratio": "anyres_max_9",
+        },
+    )
+    return meta_shapes(
+        LlavaOnevisionForConditionalGeneration, config, _nested_tower("model.vision_tower.")
+    )
 
 
 # --- Ultravox: Whisper encoder + stacked-frame projector + Llama ------------------------------
@@ -305,12 +442,23 @@ _ULTRAVOX_TEMPLATE = (
     "\n\n{{ m['content'] }}<|eot_id|>{% endfor %}"
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
-_LLAMA3_SPECIALS = {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 6: "<|start_header_id|>",
-                    7: "<|end_header_id|>", 9: "<|eot_id|>"}
+_LLAMA3_SPECIALS = {
+    0: "<|begin_of_text|>",
+    1: "<|end_of_text|>",
+    6: "<|start_header_id|>",
+    7: "<|end_header_id|>",
+    9: "<|eot_id|>",
+}
 
 
-def write_ultravox(out: Path, text: dict[str, Any], audio: dict[str, Any], dtype: str,
-                   projector_size: int, real_ids: bool = False) -> Shapes:
+def write_ultravox(
+    out: Path,
+    text: dict[str, Any],
+    audio: dict[str, Any],
+    dtype: str,
+    projector_size: int,
+    real_ids: bool = False,
+) -> Shapes:
     """Ultravox v0.5: a Whisper encoder (128 mel bins), 8 encoder frames stacked per token
     (6.25 tokens a second), a SwiGLU projector and a Llama text model. No ``text_model_id`` /
     ``audio_model_id``: nothing is fetched. ``real_ids`` puts Llama 3's specials at 128000
@@ -320,30 +468,58 @@ def write_ultravox(out: Path, text: dict[str, Any], audio: dict[str, Any], dtype
 
     specials = _reserved(_LLAMA3_SPECIALS, 256 if real_ids else 10) + ["<|audio|>"]
     tokenizer = build_tokenizer(
-        special_tokens=specials, eos_token="<|eot_id|>", pad_token="<|end_of_text|>",
-        bos_token="<|begin_of_text|>", chat_template=_ULTRAVOX_TEMPLATE,
-        first_special_id=128000 if real_ids else None)
+        special_tokens=specials,
+        eos_token="<|eot_id|>",
+        pad_token="<|end_of_text|>",
+        bos_token="<|begin_of_text|>",
+        chat_template=_ULTRAVOX_TEMPLATE,
+        first_special_id=128000 if real_ids else None,
+    )
     audio_id = tokenizer.convert_tokens_to_ids("<|audio|>")
     vocab = 128256 if real_ids else pad_vocab_size(len(tokenizer))
-    text = {"model_type": "llama", "vocab_size": vocab, "max_position_embeddings": 131072,
-            "rope_theta": 500000.0, "tie_word_embeddings": True,
-            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id, **text}
-    whisper = {"model_type": "whisper", "num_mel_bins": 128, "max_source_positions": 1500,
-               **audio}
-    config = {"architectures": ["UltravoxModel"], "model_type": "ultravox", "dtype": dtype,
-              "text_config": text, "audio_config": whisper, "text_model_id": None,
-              "audio_model_id": None, "audio_token_index": audio_id, "vocab_size": vocab,
-              "hidden_size": projector_size, "stack_factor": 8, "projector_act": "swiglu",
-              "projector_ln_mid": True, "norm_init": 0.4, "ignore_index": -100}
+    text = {
+        "model_type": "llama",
+        "vocab_size": vocab,
+        "max_position_embeddings": 131072,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": True,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        **text,
+    }
+    whisper = {"model_type": "whisper", "num_mel_bins": 128, "max_source_positions": 1500, **audio}
+    config = {
+        "architectures": ["UltravoxModel"],
+        "model_type": "ultravox",
+        "dtype": dtype,
+        "text_config": text,
+        "audio_config": whisper,
+        "text_model_id": None,
+        "audio_model_id": None,
+        "audio_token_index": audio_id,
+        "vocab_size": vocab,
+        "hidden_size": projector_size,
+        "stack_factor": 8,
+        "projector_act": "swiglu",
+        "projector_ln_mid": True,
+        "norm_init": 0.4,
+        "ignore_index": -100,
+    }
     write_json(out / "config.json", config)
-    features = WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, hop_length=160,
-                                       chunk_length=30, n_fft=400)
+    features = WhisperFeatureExtractor(
+        feature_size=128, sampling_rate=16000, hop_length=160, chunk_length=30, n_fft=400
+    )
     features.save_pretrained(out)
     shutil.copyfile(_PROCESSORS_SOURCE, out / REMOTE_CODE_FILE)
-    write_json(out / "processor_config.json", {
-        "processor_class": "UltravoxProcessor", "stack_factor": 8,
-        "auto_map": {"AutoProcessor": f"{_REMOTE}.UltravoxProcessor"}})
+    write_json(
+        out / "processor_config.json",
+        {
+            "processor_class": "UltravoxProcessor",
+            "stack_factor": 8,
+            "auto_map": {"AutoProcessor": f"{_REMOTE}.UltravoxProcessor"},
+        },
+    )
     tokenizer.save_pretrained(out)
     llama = LlamaConfig(**{k: v for k, v in text.items() if k != "model_type"})
     shapes = meta_shapes(LlamaForCausalLM, llama, [("lm_head.", None), ("", "language_model.")])
@@ -351,50 +527,94 @@ def write_ultravox(out: Path, text: dict[str, Any], audio: dict[str, Any], dtype
     shapes |= meta_shapes(WhisperEncoder, whisper_config, [("", "audio_tower.")])
     stacked = 8 * whisper["d_model"]
     prefix = "multi_modal_projector."
-    shapes |= {prefix + "ln_pre.weight": (stacked,),
-               prefix + "linear_1.weight": (projector_size, stacked),
-               prefix + "ln_mid.weight": (projector_size // 2,),
-               prefix + "linear_2.weight": (text["hidden_size"], projector_size // 2)}
+    shapes |= {
+        prefix + "ln_pre.weight": (stacked,),
+        prefix + "linear_1.weight": (projector_size, stacked),
+        prefix + "ln_mid.weight": (projector_size // 2,),
+        prefix + "linear_2.weight": (text["hidden_size"], projector_size // 2),
+    }
     return shapes
 
 
 # --- Registry -----------------------------------------------------------------------------------
 
+
 def tiny_writers() -> dict[str, Callable[[Path, SizePreset, str], Shapes]]:
     """build_model's writer for each family: an LM of the preset, tiny towers."""
     return {
         "llava": lambda out, preset, dtype: write_llava(
-            out, _tiny_text(preset), _TINY_VISION, dtype),
+            out, _tiny_text(preset), _TINY_VISION, dtype
+        ),
         "phi3_v": lambda out, preset, dtype: write_phi3_v(
-            out, _tiny_text(preset), clip_layer=0, dtype=dtype),
+            out, _tiny_text(preset), clip_layer=0, dtype=dtype
+        ),
         "llava_onevision": lambda out, preset, dtype: write_llava_onevision(
-            out, _tiny_text(preset), _TINY_VISION, dtype),
+            out, _tiny_text(preset), _TINY_VISION, dtype
+        ),
         "ultravox": lambda out, preset, dtype: write_ultravox(
-            out, _tiny_text(preset), _TINY_WHISPER, dtype, projector_size=256),
+            out, _tiny_text(preset), _TINY_WHISPER, dtype, projector_size=256
+        ),
     }
 
 
 # The published models' shapes (config.json of each hub repo).
 REAL_SHAPES: dict[str, dict[str, Any]] = {
-    "llava": {"text": {"hidden_size": 4096, "intermediate_size": 11008,
-                       "num_hidden_layers": 32, "num_attention_heads": 32,
-                       "num_key_value_heads": 32, "vocab_size": 32064},
-              "vision": {k: v for k, v in _CLIP_L_336.items() if k != "hidden_act"}},
-    "phi3_v": {"text": {"hidden_size": 3072, "intermediate_size": 8192,
-                        "num_hidden_layers": 32, "num_attention_heads": 32,
-                        "num_key_value_heads": 32, "max_position_embeddings": 131072}},
-    "llava_onevision": {"text": {"hidden_size": 3584, "intermediate_size": 18944,
-                                 "num_hidden_layers": 28, "num_attention_heads": 28,
-                                 "num_key_value_heads": 4, "vocab_size": 152128},
-                        "vision": {"hidden_size": 1152, "intermediate_size": 4304,
-                                   "num_hidden_layers": 26, "num_attention_heads": 16,
-                                   "image_size": 384, "patch_size": 14}},
-    "ultravox": {"text": {"hidden_size": 2048, "intermediate_size": 8192,
-                          "num_hidden_layers": 16, "num_attention_heads": 32,
-                          "num_key_value_heads": 8, "head_dim": 64},
-                 # whisper-large-v3-turbo's encoder
-                 "audio": {"d_model": 1280, "encoder_layers": 32, "encoder_attention_heads": 20,
-                           "encoder_ffn_dim": 5120}},
+    "llava": {
+        "text": {
+            "hidden_size": 4096,
+            "intermediate_size": 11008,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 32,
+            "vocab_size": 32064,
+        },
+        "vision": {k: v for k, v in _CLIP_L_336.items() if k != "hidden_act"},
+    },
+    "phi3_v": {
+        "text": {
+            "hidden_size": 3072,
+            "intermediate_size": 8192,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 32,
+            "max_position_embeddings": 131072,
+        }
+    },
+    "llava_onevision": {
+        "text": {
+            "hidden_size": 3584,
+            "intermediate_size": 18944,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 28,
+            "num_key_value_heads": 4,
+            "vocab_size": 152128,
+        },
+        "vision": {
+            "hidden_size": 1152,
+            "intermediate_size": 4304,
+            "num_hidden_layers": 26,
+            "num_attention_heads": 16,
+            "image_size": 384,
+            "patch_size": 14,
+        },
+    },
+    "ultravox": {
+        "text": {
+            "hidden_size": 2048,
+            "intermediate_size": 8192,
+            "num_hidden_layers": 16,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "head_dim": 64,
+        },
+        # whisper-large-v3-turbo's encoder
+        "audio": {
+            "d_model": 1280,
+            "encoder_layers": 32,
+            "encoder_attention_heads": 20,
+            "encoder_ffn_dim": 5120,
+        },
+    },
 }
 
 
@@ -412,6 +632,7 @@ def write_real_shape(family: str, out: Path, dtype: str = "bfloat16") -> Path:
     elif family == "llava_onevision":
         write_llava_onevision(out, shape["text"], shape["vision"], dtype, real_ids=True)
     else:
-        write_ultravox(out, shape["text"], shape["audio"], dtype, projector_size=4096,
-                       real_ids=True)
+        write_ultravox(
+            out, shape["text"], shape["audio"], dtype, projector_size=4096, real_ids=True
+        )
     return out

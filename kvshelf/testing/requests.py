@@ -91,14 +91,26 @@ def build_content(
     return parts
 
 
-def build_messages(request_type: str, media: Mapping[str, str | os.PathLike[str]],
-                   **content_kwargs: Any) -> list[dict[str, Any]]:
+def build_messages(
+    request_type: str, media: Mapping[str, str | os.PathLike[str]], **content_kwargs: Any
+) -> list[dict[str, Any]]:
     """A one-turn conversation: a single user message built by `build_content`."""
     return [{"role": "user", "content": build_content(request_type, media, **content_kwargs)}]
 
 
-def chat_request(model: str, messages: list[dict[str, Any]], *, max_tokens: int = 4,
-                 temperature: float = 0.0, **extra: Any) -> dict[str, Any]:
+def chat_request(
+    model: str,
+    messages: list[dict[str, Any]],
+    *,
+    max_tokens: int = 4,
+    temperature: float = 0.0,
+    **extra: Any,
+) -> dict[str, Any]:
     """A `/v1/chat/completions` body; `extra` adds fields such as `cache_salt` or `seed`."""
-    return {"model": model, "messages": messages, "max_tokens": max_tokens,
-            "temperature": temperature, **extra}
+    return {
+        "model": model,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        **extra,
+    }

@@ -81,8 +81,11 @@ class VllmServer:
         self.port = port if port is not None else free_port(host)
         self.args = list(args)
         self.env = dict(env or {})
-        self.log_path = Path(log_path) if log_path is not None else Path(
-            tempfile.gettempdir(), f"kvshelf-vllm-server-{self.port}.log")
+        self.log_path = (
+            Path(log_path)
+            if log_path is not None
+            else Path(tempfile.gettempdir(), f"kvshelf-vllm-server-{self.port}.log")
+        )
         self.startup_timeout_s = startup_timeout_s
         self.stop_grace_s = stop_grace_s
         self.python = python
@@ -103,9 +106,18 @@ class VllmServer:
 
     def command(self) -> list[str]:
         """The command line `start()` runs."""
-        return [self.python, "-m", "vllm.entrypoints.openai.api_server",
-                "--model", str(self.model_dir), "--host", self.host, "--port", str(self.port),
-                *self.args]
+        return [
+            self.python,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(self.model_dir),
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            *self.args,
+        ]
 
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
@@ -127,8 +139,12 @@ class VllmServer:
         if sys.platform.startswith("linux"):
             command = [self.python, "-c", _PDEATHSIG_TRAMPOLINE, str(os.getpid()), *command]
         self._proc = subprocess.Popen(
-            command, stdout=self._log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, **DEFAULT_ENV, **self.env}, start_new_session=True,
+            command,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **DEFAULT_ENV, **self.env},
+            start_new_session=True,
         )
         atexit.register(self.stop)
         try:
@@ -173,8 +189,12 @@ class VllmServer:
     def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()
 
     def _wait_healthy(self, began: float) -> None:
@@ -186,8 +206,9 @@ class VllmServer:
             if _health_ok(self.url):
                 return
             if time.monotonic() - began > self.startup_timeout_s:
-                raise ServerStartError(self._failure(
-                    f"vLLM server not healthy after {self.startup_timeout_s:.0f} s"))
+                raise ServerStartError(
+                    self._failure(f"vLLM server not healthy after {self.startup_timeout_s:.0f} s")
+                )
             time.sleep(0.5)
 
     def _failure(self, what: str) -> str:

@@ -15,17 +15,60 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import PreTrainedTokenizerFast
 
 CORPUS_WORDS: tuple[str, ...] = (
-    "the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "what", "is", "in", "this",
-    "image", "picture", "audio", "video", "describe", "sound", "hello", "world", "user",
-    "assistant", "system", "you", "are", "a", "helpful", "cat", "sat", "on", "mat", "red", "green",
-    "blue", "yellow", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "dog",
+    "what",
+    "is",
+    "in",
+    "this",
+    "image",
+    "picture",
+    "audio",
+    "video",
+    "describe",
+    "sound",
+    "hello",
+    "world",
+    "user",
+    "assistant",
+    "system",
+    "you",
+    "are",
+    "a",
+    "helpful",
+    "cat",
+    "sat",
+    "on",
+    "mat",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
 )
 
 
 def corpus_lines(num_lines: int = 400, words_per_line: int = 30, seed: int = 0) -> list[str]:
     """The fixed training corpus: `num_lines` lines of words drawn from CORPUS_WORDS."""
     rng = random.Random(seed)
-    return [" ".join(rng.choice(CORPUS_WORDS) for _ in range(words_per_line)) for _ in range(num_lines)]
+    return [
+        " ".join(rng.choice(CORPUS_WORDS) for _ in range(words_per_line)) for _ in range(num_lines)
+    ]
 
 
 def train_bpe(vocab_size: int = 1000, special_tokens: Sequence[str] = ()) -> Tokenizer:
@@ -87,7 +130,9 @@ def build_tokenizer(
         backend = train_bpe(vocab_size, specials)
     else:
         backend = _pad_vocab_to(train_bpe(vocab_size), first_special_id)
-        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+        backend.add_special_tokens(
+            [AddedToken(t, special=True, normalized=False) for t in specials]
+        )
     kwargs: dict[str, object] = {"eos_token": eos_token, "pad_token": pad_token}
     if bos_token is not None:
         kwargs["bos_token"] = bos_token

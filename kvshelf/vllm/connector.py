@@ -60,8 +60,8 @@ class KVShelfConnector(KVConnectorBase_V1, SupportsHMA):
         config = fit_chunk_size(config, vllm_config.cache_config.block_size, role)
         if groups.unsupported and role == KVConnectorRole.SCHEDULER:
             logger.warning(
-                "kvshelf cannot cache this model's KV cache yet (%s); serving goes on "
-                "uncached", groups.unsupported,
+                "kvshelf cannot cache this model's KV cache yet (%s); serving goes on uncached",
+                groups.unsupported,
             )
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
@@ -191,6 +191,7 @@ def fit_chunk_size(config: KVShelfConfig, block_size: int, role: KVConnectorRole
             f"{block_size}; use {fitted} instead"
         )
     if role == KVConnectorRole.SCHEDULER:
-        logger.info("chunk_size %d -> %d: whole blocks of %d tokens",
-                    config.chunk_size, fitted, block_size)
+        logger.info(
+            "chunk_size %d -> %d: whole blocks of %d tokens", config.chunk_size, fitted, block_size
+        )
     return config.model_copy(update={"chunk_size": fitted})

@@ -211,7 +211,8 @@ class SchedulerSide:
     def prepare(self, request: Request, num_computed_tokens: int) -> bool:
         features = request.mm_features or []
         needed = [  # items not covered by the prefix already computed (or loaded as KV)
-            i for i, f in enumerate(features)
+            i
+            for i, f in enumerate(features)
             if f.mm_position.offset + f.mm_position.length > num_computed_tokens
         ]
         items = {} if self.book.knows(request.request_id) else self._items(request)
@@ -231,7 +232,12 @@ class SchedulerSide:
             what = f"kvshelf encoder {outcome}, encoding"
         logger.info(
             "Reqid: %s, %s %d (%s): %s %d embeddings",
-            request.request_id, feature.modality, index, feature.identifier[:16], what, num_embeds,
+            request.request_id,
+            feature.modality,
+            index,
+            feature.identifier[:16],
+            what,
+            num_embeds,
         )
 
     def add_counts(self, counts: dict[str, int]) -> None:
@@ -264,8 +270,12 @@ class SchedulerSide:
             width = self.widths.get(feature.modality, self.default_width)
             try:
                 items[index] = EncoderItem(
-                    feature.identifier, feature.modality, int(feature.mm_position.get_num_embeds()),
-                    int(width), self.dtype, request.cache_salt or "",
+                    feature.identifier,
+                    feature.modality,
+                    int(feature.mm_position.get_num_embeds()),
+                    int(width),
+                    self.dtype,
+                    request.cache_salt or "",
                 )
             except UncacheableRequest as exc:
                 self._warn_once(feature.modality, "%s items not cached: %s", feature.modality, exc)
@@ -300,7 +310,8 @@ class WorkerSide:
         self._warned: set[str] = set()
         logger.info(
             "rank %d caching encoder outputs under namespace %s",
-            self.rank, self.engine.namespace_id.hex(),
+            self.rank,
+            self.engine.namespace_id.hex(),
         )
 
     def load(self, step: EncoderStep, encoder_cache: dict[str, torch.Tensor]) -> None:
@@ -311,7 +322,8 @@ class WorkerSide:
             if entry is None:  # vLLM will stop with "Encoder cache miss": say why first
                 logger.error(
                     "encoder output of %s %s was verified at lookup but cannot be read now",
-                    item.modality, item.identifier,
+                    item.modality,
+                    item.identifier,
                 )
                 continue
             if item.identifier not in encoder_cache:
@@ -335,7 +347,11 @@ class WorkerSide:
             self._warn_once(
                 item.modality,
                 "%s encoder outputs are %s%s, expected %s%s: not cached",
-                item.modality, got[0], list(got[1]), item.dtype, list(item.shape),
+                item.modality,
+                got[0],
+                list(got[1]),
+                item.dtype,
+                list(item.shape),
             )
             self._count("uncacheable", item.modality)
             return
@@ -452,8 +468,14 @@ def _encoder_settings(vllm_config: VllmConfig) -> dict[str, Any]:
     hf_overrides = model.hf_overrides if isinstance(model.hf_overrides, dict) else {}
     settings: dict[str, Any] = {"dtype": codec_dtype(model.dtype), "hf_overrides": hf_overrides}
     if mm is not None:
-        for name in ("mm_processor_kwargs", "media_io_kwargs", "mm_device_do_normalize",
-                     "mm_encoder_tp_mode", "mm_encoder_attn_backend", "mm_encoder_attn_dtype"):
+        for name in (
+            "mm_processor_kwargs",
+            "media_io_kwargs",
+            "mm_device_do_normalize",
+            "mm_encoder_tp_mode",
+            "mm_encoder_attn_backend",
+            "mm_encoder_attn_dtype",
+        ):
             settings[name] = getattr(mm, name, None)
     return settings
 

@@ -137,6 +137,4 @@ def _state_group(index: int, spec, names: tuple[str, ...], unsupported: list[str
     shapes = getattr(spec, "shapes", ())
     dtypes = [str(d).removeprefix("torch.") for d in getattr(spec, "dtypes", ())]
     detail = f"state={list(map(list, shapes))}/{dtypes}/{getattr(spec, 'mamba_type', '')}"
-    return CacheGroup(
-        index, GroupKind.STATE, names, spec.block_size, detail, align=mode == "align"
-    )
+    return CacheGroup(index, GroupKind.STATE, names, spec.block_size, detail, align=mode == "align")

@@ -210,4 +210,3 @@ class HybridMover:
             self.cache.save(chunks, states)
         self._saves = ([], [])
         return StepCopies()
-

@@ -203,8 +203,12 @@ class BlockCopier:
     """
 
     def __init__(
-        self, layout: KVLayout, raws: Sequence[torch.Tensor], rows: bool | None = None,
-        band_bytes: int | None = None, save_band_bytes: int | None = None,
+        self,
+        layout: KVLayout,
+        raws: Sequence[torch.Tensor],
+        rows: bool | None = None,
+        band_bytes: int | None = None,
+        save_band_bytes: int | None = None,
     ):
         self.layout = layout
         self.band_bytes = band_bytes
@@ -247,12 +251,16 @@ class BlockCopier:
             band_bytes = self.band_bytes or BAND_BYTES
             most_layers = math.ceil(self.layout.num_layers / MIN_BANDS)
             band = max(1, min(most_layers, band_bytes // (most * self.layer_block_bytes)))
-            return [self._band_group(g, band) for g in self._bounded(items, whole=True, layers=band)]
+            return [
+                self._band_group(g, band) for g in self._bounded(items, whole=True, layers=band)
+            ]
         if self.row_tables is not None:
             band = self._save_band(items)
             if band > 1:
-                return [self._band_group(g, band, tail=True)
-                        for g in self._bounded(items, whole=True, layers=band)]
+                return [
+                    self._band_group(g, band, tail=True)
+                    for g in self._bounded(items, whole=True, layers=band)
+                ]
             return [self._row_group(g) for g in self._bounded(items, whole=False)]
         num_blocks = sum(len(ids) for _, _, ids in items)
         num_runs = sum(len(block_runs(ids)) for _, _, ids in items)
@@ -330,8 +338,15 @@ class BlockCopier:
         layer = np.arange(max(bands, default=1), dtype=np.int64)[:, None]
         picks = {b: item_start * b + within + item_rows * layer[:b] for b in sorted(bands)}
         device = self._to_device(np.concatenate(cache_rows), *picks.values())
-        return BandGroup(items, device[0], picks=dict(zip(picks, device[1:])), num_rows=start,
-                         whole=whole, band=band, tail=tail)
+        return BandGroup(
+            items,
+            device[0],
+            picks=dict(zip(picks, device[1:])),
+            num_rows=start,
+            whole=whole,
+            band=band,
+            tail=tail,
+        )
 
     def _to_device(self, *arrays: np.ndarray) -> list[torch.Tensor]:
         """``arrays`` as int64 tensors on the device: on a GPU, one pinned copy for all."""
@@ -366,8 +381,15 @@ class BlockCopier:
                 continue
             if group.index is None:
                 for payload, first, ids in group.items:
-                    _copy_blocks(payload[layer], first, raw, ids, axis, to_cache=False,
-                                 non_blocking=non_blocking)
+                    _copy_blocks(
+                        payload[layer],
+                        first,
+                        raw,
+                        ids,
+                        axis,
+                        to_cache=False,
+                        non_blocking=non_blocking,
+                    )
                 continue
             staged = raw.index_select(axis, group.index)
             offset = 0
@@ -388,8 +410,15 @@ class BlockCopier:
                 continue
             if group.index is None:
                 for payload, first, ids in group.items:
-                    _copy_blocks(payload[layer], first, raw, ids, axis, to_cache=True,
-                                 non_blocking=non_blocking)
+                    _copy_blocks(
+                        payload[layer],
+                        first,
+                        raw,
+                        ids,
+                        axis,
+                        to_cache=True,
+                        non_blocking=non_blocking,
+                    )
                 continue
             shape = list(raw.shape)
             shape[axis] = group.num_blocks
@@ -431,8 +460,11 @@ class BlockCopier:
             self._copy_band_out(group, first, size, gathered, non_blocking)
             return
         if first not in group.filling:
-            rows = torch.empty((size * group.num_rows, self.layout.row_elems),
-                               dtype=self.torch_dtype, device=self.device)
+            rows = torch.empty(
+                (size * group.num_rows, self.layout.row_elems),
+                dtype=self.torch_dtype,
+                device=self.device,
+            )
             group.filling[first] = (rows, set())
         staged, done = group.filling[first]
         staged.index_copy_(0, picks[layer - first], gathered)
@@ -481,7 +513,10 @@ class BlockCopier:
         return group.band * group.num_rows * self.layout.row_elems
 
     def stage_band(
-        self, group: BandGroup, first: int, out: torch.Tensor | None = None,
+        self,
+        group: BandGroup,
+        first: int,
+        out: torch.Tensor | None = None,
         non_blocking: bool = False,
     ) -> torch.Tensor:
         """Copy the band of layers starting at ``first`` of every item's payload, item

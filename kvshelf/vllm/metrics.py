@@ -121,9 +121,7 @@ class KVShelfPromMetrics(KVConnectorPromMetrics):
             for n, h in GAUGES.items()
         }
         self._histograms = {
-            n: self._histogram_cls(
-                name=n, documentation=h, labelnames=labelnames, buckets=BUCKETS
-            )
+            n: self._histogram_cls(name=n, documentation=h, labelnames=labelnames, buckets=BUCKETS)
             for n, h in HISTOGRAMS.items()
         }
 

@@ -175,7 +175,9 @@ class CudaMover:
                 self.copy_stream.synchronize()
                 self.load_stream.synchronize()
             elems = max(elems, STAGING_BYTES // self.copier.raws[0].element_size())
-            slot.buffer = torch.empty(elems, dtype=self.copier.torch_dtype, device=self.copier.device)
+            slot.buffer = torch.empty(
+                elems, dtype=self.copier.torch_dtype, device=self.copier.device
+            )
             slot.free = None
         return slot
 
@@ -245,9 +247,9 @@ class Completer:
     """
 
     def __init__(self):
-        self._queue: queue.Queue[tuple[Callable[[], object] | None, Callable[[bool], None]] | None] = (
-            queue.Queue()
-        )
+        self._queue: queue.Queue[
+            tuple[Callable[[], object] | None, Callable[[bool], None]] | None
+        ] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._pending = 0
         self._lock = threading.Lock()

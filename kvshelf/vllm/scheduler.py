@@ -192,7 +192,9 @@ class SchedulerSide:
                 "both off, vLLM names media per request instead of by content. Turn either on.",
             )
             return None
-        spans = [MediaSpan(f.identifier, f.mm_position.offset, f.mm_position.length) for f in features]
+        spans = [
+            MediaSpan(f.identifier, f.mm_position.offset, f.mm_position.length) for f in features
+        ]
         try:
             return plan_chunks(
                 request.prompt_token_ids,

@@ -107,7 +107,10 @@ class WorkerSide:
             format_version=FORMAT_VERSION,
         )
         self.engine = CacheEngine(
-            self.config, namespace, payload_spec, host=self._host_memory(slot_bytes),
+            self.config,
+            namespace,
+            payload_spec,
+            host=self._host_memory(slot_bytes),
             write_lower=not mla or self.rank % tp == 0,
         )
         needs_state = self.hybrid is not None and self.groups.has_state
@@ -119,7 +122,10 @@ class WorkerSide:
         self._server = LookupServer(self._lookup, socket_path(engine_id, self.rank))
         logger.info(
             "rank %d/%d caching %s under namespace %s",
-            self.rank, self.world, signature, self.engine.namespace_id.hex(),
+            self.rank,
+            self.world,
+            signature,
+            self.engine.namespace_id.hex(),
         )
 
     def _uniform_cache(self, kv_caches, num_blocks: int, backend: str) -> _CacheFacts:
@@ -172,7 +178,9 @@ class WorkerSide:
         def payload_spec(num_tokens: int) -> tuple[str, tuple[int, ...]]:
             return PAYLOAD_DTYPE, hybrid.payload_shape(num_tokens)
 
-        slot_bytes = max(hybrid.payload_shape(self.config.chunk_size)[0], hybrid.payload_shape(0)[0])
+        slot_bytes = max(
+            hybrid.payload_shape(self.config.chunk_size)[0], hybrid.payload_shape(0)[0]
+        )
         return hybrid.signature(), payload_spec, slot_bytes
 
     def _host_memory(self, slot_bytes: int):
@@ -300,7 +308,9 @@ class WorkerSide:
         self._failed_blocks += len(failed)
         logger.warning(
             "request %s: cannot load tokens from %d on; vLLM recomputes %d blocks",
-            spec.req_id, first_block * self.block_size, len(failed),
+            spec.req_id,
+            first_block * self.block_size,
+            len(failed),
         )
 
     def wait_for_layer_load(self, layer_name: str) -> None:
@@ -373,7 +383,9 @@ class WorkerSide:
         if seconds > 0:
             logger.debug(
                 "loaded %d bytes in %.2f ms (%.2f GB/s)",
-                nbytes, seconds * 1e3, nbytes / seconds / 1e9,
+                nbytes,
+                seconds * 1e3,
+                nbytes / seconds / 1e9,
             )
 
     def _observe(self, name: str, seconds: float) -> None:

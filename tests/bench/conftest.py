@@ -30,16 +30,24 @@ def serve(tmp_path_factory: pytest.TempPathFactory, family: str) -> Iterator[Ser
     work = tmp_path_factory.mktemp(f"bench-{family}")
     media = make_media(work / "media")
     model_dir = build_model(family, work / "model", SIZE)
-    kv = {"kv_connector": "KVShelfConnector", "kv_role": "kv_both",
-          "kv_connector_extra_config": {"disk_path": str(work / "cache"), "cpu_bytes": 10**8}}
+    kv = {
+        "kv_connector": "KVShelfConnector",
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": {"disk_path": str(work / "cache"), "cpu_bytes": 10**8},
+    }
     args = [
         *serve_args(family),
-        "--served-model-name", family,
+        "--served-model-name",
+        family,
         "--enforce-eager",
-        "--max-model-len", "2048",
-        "--max-num-batched-tokens", "2048",
-        "--allowed-local-media-path", str(work / "media"),
-        "--kv-transfer-config", json.dumps(kv),
+        "--max-model-len",
+        "2048",
+        "--max-num-batched-tokens",
+        "2048",
+        "--allowed-local-media-path",
+        str(work / "media"),
+        "--kv-transfer-config",
+        json.dumps(kv),
     ]
     with VllmServer(model_dir, args=args, log_path=work / "server.log") as server:
         yield Served(server, family, media)

@@ -19,8 +19,12 @@ def audio(tmp_path_factory):
 
 @pytest.mark.parametrize("file_urls", [False, True], ids=["data-url", "file-url"])
 def test_audio_returns_a_ttft(audio, file_urls):
-    settings = BenchSettings(url=audio.url, chat_types=["audio"], file_urls=file_urls,
-                             media=[str(audio.media["audio_b"])])
+    settings = BenchSettings(
+        url=audio.url,
+        chat_types=["audio"],
+        file_urls=file_urls,
+        media=[str(audio.media["audio_b"])],
+    )
 
     cold, warm = run_bench(settings).measurements
 
@@ -40,8 +44,9 @@ def test_text_only_returns_a_ttft(audio):
 @pytest.mark.parametrize("chat_type", ["single-image", "video"])
 def test_other_modalities_are_rejected_clearly(audio, chat_type):
     kind = "image" if chat_type == "single-image" else "video"
-    settings = BenchSettings(url=audio.url, chat_types=[chat_type],
-                             media_dir=audio.media["audio_a"].parent)
+    settings = BenchSettings(
+        url=audio.url, chat_types=[chat_type], media_dir=audio.media["audio_a"].parent
+    )
     with pytest.raises(ModalityRejected, match=f"does not accept {kind} input"):
         run_bench(settings)
 
@@ -53,7 +58,7 @@ def test_cli_all_chat_types_skips_what_the_model_rejects(audio, capsys):
     for skipped in ("single-image", "multi-image", "video"):
         assert f"skipped {skipped}: the server rejected the" in out
     assert "does not accept image input" in out and "does not accept video input" in out
-    table = out[out.index("TTFT at "):]
+    table = out[out.index("TTFT at ") :]
     assert "text-only" in table and "audio" in table and "video" not in table
 
 
@@ -68,13 +73,22 @@ def test_reference_client_audio_sequence_hits_across_forms(audio):
     from kvshelf.bench.logs import line_for, request_lines
     from kvshelf.bench.reference import run_reference
 
-    settings = BenchSettings(url=audio.url, chat_types=["audio"], repeat=2, warmup=0,
-                             media=[str(audio.media["audio_b"])], max_tokens=2,
-                             cache_salt="reference-audio")
+    settings = BenchSettings(
+        url=audio.url,
+        chat_types=["audio"],
+        repeat=2,
+        warmup=0,
+        media=[str(audio.media["audio_b"])],
+        max_tokens=2,
+        cache_salt="reference-audio",
+    )
     run = run_reference(settings)
 
     assert [m.request_type for m in run.measurements] == [
-        "audio: input_audio", "audio: audio URL", "audio: audio base64"] * 2
+        "audio: input_audio",
+        "audio: audio URL",
+        "audio: audio base64",
+    ] * 2
     lines = request_lines(audio.server.log_text())
     hits = [line_for(lines, m.request_id).hit_tokens for m in run.measurements]
     assert hits[0] == 0  # the first request of run 1 is cold

@@ -37,8 +37,9 @@ def ovis(tmp_path_factory):
 
 @pytest.mark.parametrize("chat_type", ["text-only", "single-image", "multi-image", "video"])
 def test_each_chat_type_returns_a_ttft(ovis, chat_type):
-    settings = BenchSettings(url=ovis.url, chat_types=[chat_type], repeat=2,
-                             media_dir=ovis.media["image_a"].parent)
+    settings = BenchSettings(
+        url=ovis.url, chat_types=[chat_type], repeat=2, media_dir=ovis.media["image_a"].parent
+    )
 
     run = run_bench(settings)
 
@@ -57,8 +58,13 @@ def test_each_chat_type_returns_a_ttft(ovis, chat_type):
 
 
 def test_prompt_tokens_pads_to_the_length_and_server_log_gives_hits(ovis):
-    settings = BenchSettings(url=ovis.url, model="ovis2_5", chat_types=["single-image"],
-                             prompt_tokens=700, media_dir=ovis.media["image_a"].parent)
+    settings = BenchSettings(
+        url=ovis.url,
+        model="ovis2_5",
+        chat_types=["single-image"],
+        prompt_tokens=700,
+        media_dir=ovis.media["image_a"].parent,
+    )
 
     results = run_bench(settings).measurements
 
@@ -72,15 +78,17 @@ def test_prompt_tokens_pads_to_the_length_and_server_log_gives_hits(ovis):
 
 
 def test_concurrent_prompts_are_distinct_and_all_timed(ovis):
-    settings = BenchSettings(url=ovis.url, chat_types=["text-only"], repeat=2, concurrency=3,
-                             warmup=0)
+    settings = BenchSettings(
+        url=ovis.url, chat_types=["text-only"], repeat=2, concurrency=3, warmup=0
+    )
 
     results = run_bench(settings).measurements
 
     assert len(results) == 6
     assert len({m.request_id for m in results}) == 6
-    assert sorted((m.round, m.stream) for m in results) == [(r, s) for r in (0, 1)
-                                                           for s in range(3)]
+    assert sorted((m.round, m.stream) for m in results) == [
+        (r, s) for r in (0, 1) for s in range(3)
+    ]
     assert all(m.ttft_s > 0 for m in results)
 
 
@@ -115,12 +123,26 @@ def test_file_url_outside_the_allowed_path_is_rejected(ovis, tmp_path):
 def test_cli_bench_writes_table_json_and_plot(ovis, tmp_path, capsys):
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
 
-    code = main([
-        "bench", "--url", f"{ovis.url}/v1", "--chat-type", "single-image",
-        "--media", str(ovis.media["image_b"]), "--file-urls", "--repeat", "3",
-        "--server-log", str(ovis.server.log_path), "--json", str(out_json),
-        "--plot", str(out_png),
-    ])
+    code = main(
+        [
+            "bench",
+            "--url",
+            f"{ovis.url}/v1",
+            "--chat-type",
+            "single-image",
+            "--media",
+            str(ovis.media["image_b"]),
+            "--file-urls",
+            "--repeat",
+            "3",
+            "--server-log",
+            str(ovis.server.log_path),
+            "--json",
+            str(out_json),
+            "--plot",
+            str(out_png),
+        ]
+    )
 
     assert code == 0
     out = capsys.readouterr().out
@@ -143,17 +165,35 @@ def test_cli_reports_a_rejected_modality(ovis, capsys):
 def test_reference_client_sequence_for_video_runs_twice_and_hits(ovis, tmp_path, capsys):
     # The page's "run it twice": the video by URL (from the bench's own HTTP server) and
     # base64-encoded, two runs; the log lines give kvshelf's hits.
-    code = main(["bench", "--url", ovis.url, "--reference-client", "--chat-type", "video",
-                 "--media", str(ovis.media["video_b"]), "--max-tokens", "2", "--server-log",
-                 str(ovis.server.log_path), "--json", str(tmp_path / "ref.json")])
+    code = main(
+        [
+            "bench",
+            "--url",
+            ovis.url,
+            "--reference-client",
+            "--chat-type",
+            "video",
+            "--media",
+            str(ovis.media["video_b"]),
+            "--max-tokens",
+            "2",
+            "--server-log",
+            str(ovis.server.log_path),
+            "--json",
+            str(tmp_path / "ref.json"),
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     for label in ("video: video URL", "video: video base64", "run 1 TTFT", "run 2 TTFT"):
         assert label in out
     requests = json.loads((tmp_path / "ref.json").read_text())["requests"]
     assert [(r["request_type"], r["round"]) for r in requests] == [
-        ("video: video URL", 0), ("video: video base64", 0),
-        ("video: video URL", 1), ("video: video base64", 1)]
+        ("video: video URL", 0),
+        ("video: video base64", 0),
+        ("video: video URL", 1),
+        ("video: video base64", 1),
+    ]
     # The base64 request carries the URL request's video: one content hash, so from the
     # second request on every prompt is found whole.
     assert all(r["hit_tokens"] == r["prompt_tokens"] for r in requests[1:]), requests

@@ -5,10 +5,11 @@ from __future__ import annotations
 from kvshelf.demo import CHAT_TYPES, SYSTEMS, cpu_flags, cpu_name, pick_dtype
 from kvshelf.testing.reference_models import PAGE_CHAT_TYPE
 
-_EPYC = ("processor\t: 0\nmodel name\t: AMD EPYC 7B12\n"
-         "flags\t\t: fpu sse2 avx avx2 fma\n")
-_SAPPHIRE = ("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8481C\n"
-             "flags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n")
+_EPYC = "processor\t: 0\nmodel name\t: AMD EPYC 7B12\nflags\t\t: fpu sse2 avx avx2 fma\n"
+_SAPPHIRE = (
+    "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8481C\n"
+    "flags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+)
 
 
 def test_bf16_only_where_the_cpu_multiplies_it_natively():

@@ -41,8 +41,11 @@ def media(tmp_path_factory):
 
 def test_unreachable_server_says_so():
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    with pytest.raises(ServerUnreachable, match=r"cannot reach an OpenAI-compatible server at "
-                                                r"http://127\.0\.0\.1:\d+ .*Is it running"):
+    with pytest.raises(
+        ServerUnreachable,
+        match=r"cannot reach an OpenAI-compatible server at "
+        r"http://127\.0\.0\.1:\d+ .*Is it running",
+    ):
         run_bench(BenchSettings(url=url, model="m", chat_types=["text-only"]))
 
 
@@ -70,8 +73,19 @@ def test_unreadable_media_is_named(tmp_path, media):
 
 def test_cli_unreadable_media_fails_before_any_request(tmp_path, capsys):
     # The server is unreachable too: the media error must come first (no request is sent).
-    code = main(["bench", "--url", f"http://127.0.0.1:{free_port()}", "--model", "m",
-                 "--chat-type", "single-image", "--media", str(tmp_path / "gone.png")])
+    code = main(
+        [
+            "bench",
+            "--url",
+            f"http://127.0.0.1:{free_port()}",
+            "--model",
+            "m",
+            "--chat-type",
+            "single-image",
+            "--media",
+            str(tmp_path / "gone.png"),
+        ]
+    )
     assert code == 1
     assert "cannot read media" in capsys.readouterr().err
 
@@ -101,13 +115,30 @@ def test_log_lines_match_their_request_only():
 
 
 def fake(request_type: str, phase: str, ttft_s: float, hit: int | None = None) -> Measurement:
-    return Measurement(request_type, phase, 0 if phase == COLD else 1, 0, f"id-{ttft_s}", "m",
-                       "", ttft_s, ttft_s + 0.1, "content", 2048, 8, hit)
+    return Measurement(
+        request_type,
+        phase,
+        0 if phase == COLD else 1,
+        0,
+        f"id-{ttft_s}",
+        "m",
+        "",
+        ttft_s,
+        ttft_s + 0.1,
+        "content",
+        2048,
+        8,
+        hit,
+    )
 
 
 def test_summary_json_and_plot(tmp_path):
-    results = [fake("video", COLD, 2.0), fake("video", WARM, 0.1, hit=2048),
-               fake("audio", COLD, 3.0), fake("audio", WARM, 0.2, hit=2000)]
+    results = [
+        fake("video", COLD, 2.0),
+        fake("video", WARM, 0.1, hit=2048),
+        fake("audio", COLD, 3.0),
+        fake("audio", WARM, 0.2, hit=2000),
+    ]
 
     video, audio = summarise(results)
     assert (video.request_type, video.speedup, video.hit_tokens) == ("video", 20.0, 2048)

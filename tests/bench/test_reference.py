@@ -44,18 +44,32 @@ def test_bodies_put_the_text_first_then_the_media(media):
         picked = pick_media([str(media["image_a"]), str(media["audio_a"])], server)
         url_step, b64_step = SEQUENCES["single-image"]
         by_url = step_body(url_step, "m", picked, http)
-        assert by_url == {"model": "m", "max_completion_tokens": 128, "messages": [
-            {"role": "user", "content": [
-                {"type": "text", "text": "What's in this image?"},
-                {"type": "image_url", "image_url": {"url": picked["image"][0].url}}]}]}
+        assert by_url == {
+            "model": "m",
+            "max_completion_tokens": 128,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "What's in this image?"},
+                        {"type": "image_url", "image_url": {"url": picked["image"][0].url}},
+                    ],
+                }
+            ],
+        }
         # The URL is served here, and its bytes are the file's.
         assert httpx.get(picked["image"][0].url).content == media["image_a"].read_bytes()
         by_b64 = step_body(b64_step, "m", picked, http)["messages"][0]["content"][1]
         encoded = base64.b64encode(media["image_a"].read_bytes()).decode()
         assert by_b64["image_url"]["url"] == f"data:image/png;base64,{encoded}"
         audio = step_body(SEQUENCES["audio"][0], "m", picked, http)["messages"][0]["content"]
-        assert audio[1] == {"type": "input_audio", "input_audio": {
-            "data": base64.b64encode(media["audio_a"].read_bytes()).decode(), "format": "wav"}}
+        assert audio[1] == {
+            "type": "input_audio",
+            "input_audio": {
+                "data": base64.b64encode(media["audio_a"].read_bytes()).decode(),
+                "format": "wav",
+            },
+        }
         text = step_body(SEQUENCES["text-only"][0], "m", picked, http, cache_salt="s")
         assert text["messages"][0]["content"] == "What's the capital of France?"
         assert text["cache_salt"] == "s"
@@ -76,12 +90,30 @@ def test_media_default_to_the_clients_and_given_ones_replace_them(media):
 
 def test_runs_table_shows_each_run_and_its_total():
     def m(request: str, round_index: int, ttft: float, hit: int) -> Measurement:
-        return Measurement(request, COLD if round_index == 0 else WARM, round_index, 0,
-                           f"r{round_index}", "m", "a.wav", ttft, ttft + 0.1, "content", 40, 8,
-                           hit, max(hit - 1, 0), "line")
+        return Measurement(
+            request,
+            COLD if round_index == 0 else WARM,
+            round_index,
+            0,
+            f"r{round_index}",
+            "m",
+            "a.wav",
+            ttft,
+            ttft + 0.1,
+            "content",
+            40,
+            8,
+            hit,
+            max(hit - 1, 0),
+            "line",
+        )
 
-    runs = [m("audio: input_audio", 0, 2.0, 0), m("audio: audio URL", 0, 0.5, 40),
-            m("audio: input_audio", 1, 0.1, 40), m("audio: audio URL", 1, 0.1, 40)]
+    runs = [
+        m("audio: input_audio", 0, 2.0, 0),
+        m("audio: audio URL", 0, 0.5, 40),
+        m("audio: input_audio", 1, 0.1, 40),
+        m("audio: audio URL", 1, 0.1, 40),
+    ]
     assert run_totals(runs) == pytest.approx({0: 2.7, 1: 0.4})
     from rich.console import Console
 

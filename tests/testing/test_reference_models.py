@@ -61,12 +61,15 @@ def test_tiny_dirs_name_what_vllm_needs(tiny):
     assert video["video_processor_type"] == "LlavaOnevisionVideoProcessor"
 
 
-@pytest.mark.parametrize(("width", "height", "crops", "size"), [
-    (320, 240, 4, (672, 672)),  # 4:3 fills a 2x2 grid
-    (50, 8000, 4, (336, 1344)),  # 1:160 portrait: a column of 4 crops
-    (336, 336, 1, (336, 336)),
-    (1600, 1067, 16, (1344, 1008)),
-])
+@pytest.mark.parametrize(
+    ("width", "height", "crops", "size"),
+    [
+        (320, 240, 4, (672, 672)),  # 4:3 fills a 2x2 grid
+        (50, 8000, 4, (336, 1344)),  # 1:160 portrait: a column of 4 crops
+        (336, 336, 1, (336, 336)),
+        (1600, 1067, 16, (1344, 1008)),
+    ],
+)
 def test_hd_size(width, height, crops, size):
     assert hd_size(width, height, crops) == size
     padded_w, padded_h = size
@@ -85,8 +88,9 @@ def test_phi3v_processor_output(tiny):
 
     processor = AutoProcessor.from_pretrained(tiny["phi3_v"], trust_remote_code=True)
     images = [Image.new("RGB", (320, 240), "red"), Image.new("RGB", (50, 8000), "blue")]
-    out = processor(text="<|user|>\n<|image_1|>\n<|image_2|>\nWhat?", images=images,
-                    return_tensors="pt")
+    out = processor(
+        text="<|user|>\n<|image_1|>\n<|image_2|>\nWhat?", images=images, return_tensors="pt"
+    )
     assert tuple(out["pixel_values"].shape) == (2, 5, 3, CROP_PX, CROP_PX)  # num_crops + 1
     assert out["image_sizes"].tolist() == [[672, 672], [1344, 336]]  # height, width
     ids = out["input_ids"][0].tolist()
@@ -105,8 +109,13 @@ def test_ultravox_processor_chunks_and_counts(tiny):
 
     processor = AutoProcessor.from_pretrained(tiny["ultravox"], trust_remote_code=True)
     audios = [np.zeros(3 * 16000, np.float32), np.zeros(70 * 16000, np.float32)]
-    out = processor(text="hi <|audio|>", audios=audios, sampling_rate=16000,
-                    include_audio_num_chunks=True, return_tensors="pt")
+    out = processor(
+        text="hi <|audio|>",
+        audios=audios,
+        sampling_rate=16000,
+        include_audio_num_chunks=True,
+        return_tensors="pt",
+    )
     # 30-s chunks: 3 s -> one chunk, 70 s -> 30 + 30 + 10.
     assert out["audio_num_chunks"].tolist() == [1, 3]
     assert out["audio_lens"].tolist() == [300, 3000, 3000, 1000]  # 100 mel frames a second

@@ -39,8 +39,9 @@ _SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|AUDIO|>"]
 
 
 def _small_tokenizer(**kwargs):
-    return build_tokenizer(special_tokens=_SPECIALS, eos_token="<|endoftext|>",
-                           pad_token="<|endoftext|>", **kwargs)
+    return build_tokenizer(
+        special_tokens=_SPECIALS, eos_token="<|endoftext|>", pad_token="<|endoftext|>", **kwargs
+    )
 
 
 def test_tokenizer_is_deterministic():
@@ -74,6 +75,7 @@ def test_filler_text_is_one_token_per_word():
 
 
 # --- media -------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def media(tmp_path_factory):
@@ -140,8 +142,13 @@ def test_build_content_shapes(media, request_type):
 
 
 def test_build_content_file_urls_and_filler(media):
-    content = build_content("multi-image", media, use_file_urls=True, filler_tokens=50,
-                            media_names=["image_c", "image_d"])
+    content = build_content(
+        "multi-image",
+        media,
+        use_file_urls=True,
+        filler_tokens=50,
+        media_names=["image_c", "image_d"],
+    )
     urls = [part["image_url"]["url"] for part in content[:-1]]
     assert urls == [file_url(media["image_c"]), file_url(media["image_d"])]
     assert all(url.startswith("file:///") for url in urls)
@@ -158,13 +165,19 @@ def test_build_content_rejects_unknown_type_and_missing_media(media):
 def test_chat_request_body(media):
     messages = build_messages("audio", media)
     body = chat_request("m", messages, cache_salt="s1")
-    assert body == {"model": "m", "messages": messages, "max_tokens": 4, "temperature": 0.0,
-                    "cache_salt": "s1"}
+    assert body == {
+        "model": "m",
+        "messages": messages,
+        "max_tokens": 4,
+        "temperature": 0.0,
+        "cache_salt": "s1",
+    }
     assert messages[0]["role"] == "user"
     json.dumps(body)  # JSON-serialisable as is
 
 
 # --- model dirs --------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_build_model_is_idempotent(tmp_path, family):
@@ -219,7 +232,11 @@ def test_serve_args():
         assert "text-only" in FAMILY_REQUEST_TYPES[family]
     assert serve_args("idefics3") == []
     assert serve_args("qwen2_audio", dtype="float32", dummy_weights=True) == [
-        "--load-format", "dummy", "--dtype", "float32"]
+        "--load-format",
+        "dummy",
+        "--dtype",
+        "float32",
+    ]
     ovis = serve_args("ovis2_5")
     assert "--trust-remote-code" in ovis
     limits = json.loads(ovis[ovis.index("--limit-mm-per-prompt") + 1])
@@ -283,8 +300,13 @@ def test_free_port_is_bindable():
 
 
 def test_server_starts_restarts_and_stops_its_process_group(fake_vllm, tmp_path):
-    server = VllmServer(tmp_path / "model", args=["--x", "1"], log_path=tmp_path / "s.log",
-                        env={"PYTHONPATH": str(fake_vllm)}, stop_grace_s=5)
+    server = VllmServer(
+        tmp_path / "model",
+        args=["--x", "1"],
+        log_path=tmp_path / "s.log",
+        env={"PYTHONPATH": str(fake_vllm)},
+        stop_grace_s=5,
+    )
     with server:
         assert server.url == f"http://127.0.0.1:{server.port}"
         first_child = _last_child_pid(server)
@@ -302,8 +324,11 @@ def test_server_starts_restarts_and_stops_its_process_group(fake_vllm, tmp_path)
 
 
 def test_server_that_dies_reports_its_log(fake_vllm, tmp_path):
-    server = VllmServer(tmp_path / "model", log_path=tmp_path / "dead.log",
-                        env={"PYTHONPATH": str(fake_vllm), "FAKE_MODE": "die"})
+    server = VllmServer(
+        tmp_path / "model",
+        log_path=tmp_path / "dead.log",
+        env={"PYTHONPATH": str(fake_vllm), "FAKE_MODE": "die"},
+    )
     with pytest.raises(ServerStartError) as error, server:
         pass
     message = str(error.value)
@@ -314,10 +339,20 @@ def test_server_that_dies_reports_its_log(fake_vllm, tmp_path):
 
 def test_server_start_timeout_stops_the_server(fake_vllm, tmp_path):
     # Health is polled on another port than the fake listens on, so it never turns healthy.
-    server = VllmServer(tmp_path / "model", log_path=tmp_path / "slow.log", startup_timeout_s=2,
-                        env={"PYTHONPATH": str(fake_vllm)}, stop_grace_s=5)
-    server.command = lambda: [server.python, "-m", "vllm.entrypoints.openai.api_server",  # type: ignore[method-assign]
-                              "--port", str(free_port())]
+    server = VllmServer(
+        tmp_path / "model",
+        log_path=tmp_path / "slow.log",
+        startup_timeout_s=2,
+        env={"PYTHONPATH": str(fake_vllm)},
+        stop_grace_s=5,
+    )
+    server.command = lambda: [
+        server.python,
+        "-m",
+        "vllm.entrypoints.openai.api_server",  # type: ignore[method-assign]
+        "--port",
+        str(free_port()),
+    ]
     with pytest.raises(ServerStartError, match="not healthy after 2 s"):
         server.start()
     assert not server.is_running()
@@ -339,8 +374,12 @@ def test_server_dies_with_a_killed_runner(fake_vllm, tmp_path):
         print(server.pid, flush=True)
         time.sleep(600)
     """)
-    runner = subprocess.Popen([sys.executable, "-c", runner_code], stdout=subprocess.PIPE,
-                              text=True, cwd=Path(__file__).resolve().parents[2])
+    runner = subprocess.Popen(
+        [sys.executable, "-c", runner_code],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     try:
         server_pid = int(runner.stdout.readline())
         assert _is_alive(server_pid)

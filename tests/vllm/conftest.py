@@ -31,12 +31,15 @@ def torchvision_env() -> dict[str, str]:
     script = Path(__file__).resolve().parents[2] / "scripts" / "torchvision-cpu.sh"
     env = {**os.environ, "PYTHON": sys.executable}
     subprocess.run([str(script)], check=True, env=env)
-    line = subprocess.run([str(script), "--env"], check=True, env=env, capture_output=True,
-                          text=True).stdout.split()
+    line = subprocess.run(
+        [str(script), "--env"], check=True, env=env, capture_output=True, text=True
+    ).stdout.split()
     found = dict(item.split("=", 1) for item in line)
     return {
-        "PYTHONPATH": os.pathsep.join(filter(None, [found["PYTHONPATH"],
-                                                    os.environ.get("PYTHONPATH")])),
-        "LD_LIBRARY_PATH": os.pathsep.join(filter(None, [found["LD_LIBRARY_PATH"],
-                                                         os.environ.get("LD_LIBRARY_PATH")])),
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [found["PYTHONPATH"], os.environ.get("PYTHONPATH")])
+        ),
+        "LD_LIBRARY_PATH": os.pathsep.join(
+            filter(None, [found["LD_LIBRARY_PATH"], os.environ.get("LD_LIBRARY_PATH")])
+        ),
     }

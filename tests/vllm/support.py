@@ -44,9 +44,7 @@ class Reply:
         )
 
 
-def connector_args(
-    extra: dict[str, Any], module_path: bool = False, **transfer: Any
-) -> list[str]:
+def connector_args(extra: dict[str, Any], module_path: bool = False, **transfer: Any) -> list[str]:
     """``--kv-transfer-config`` for kvshelf; ``transfer`` adds top-level keys."""
     kv: dict[str, Any] = {
         "kv_connector": "KVShelfConnector",
@@ -64,9 +62,11 @@ def server_args(
 ) -> list[str]:
     return [
         *serve_args(family, dtype="float32"),
-        "--served-model-name", MODEL_NAME,
+        "--served-model-name",
+        MODEL_NAME,
         "--enforce-eager",
-        "--max-model-len", "4096",
+        "--max-model-len",
+        "4096",
         *more,
         *connector_args(kv_extra, module_path, **transfer),
     ]
@@ -85,8 +85,13 @@ class Client:
 
     def chat(self, messages: list[dict], max_tokens: int = 3, **extra: Any) -> Reply:
         body = chat_request(
-            MODEL_NAME, messages, max_tokens=max_tokens, logprobs=True, top_logprobs=5,
-            ignore_eos=True, **extra,
+            MODEL_NAME,
+            messages,
+            max_tokens=max_tokens,
+            logprobs=True,
+            top_logprobs=5,
+            ignore_eos=True,
+            **extra,
         )
         response = httpx.post(f"{self.server.url}/v1/chat/completions", json=body, timeout=300)
         hit, media = self._logged()
@@ -171,8 +176,9 @@ def scrape(server: VllmServer) -> dict[tuple[str, str], float]:
     return values
 
 
-def wait_for_metric(server: VllmServer, name: str, tier: str = "", at_least: float = 1,
-                    timeout_s: float = 20) -> dict[tuple[str, str], float]:
+def wait_for_metric(
+    server: VllmServer, name: str, tier: str = "", at_least: float = 1, timeout_s: float = 20
+) -> dict[tuple[str, str], float]:
     """Scrape until ``name`` reaches ``at_least`` (vLLM publishes stats each step)."""
     deadline = time.monotonic() + timeout_s
     while True:

@@ -18,7 +18,24 @@ from tests.vllm.support import MODEL_NAME, Client, connector_args, settled_files
 
 pytestmark = pytest.mark.vllm
 
-_WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "and", "the", "cat", "sat", "on", "the", "mat"]
+_WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "the",
+    "lazy",
+    "dog",
+    "and",
+    "the",
+    "cat",
+    "sat",
+    "on",
+    "the",
+    "mat",
+]
 # family -> (dtype, vLLM arguments). Granite's Mamba2 runs on the CPU backend only without
 # prefix caching (its "align" state mode fails in vLLM itself), where states exist at step
 # ends only: steps of one chunk keep one at every chunk boundary.
@@ -47,9 +64,16 @@ def _messages(question: str, num_words: int, image=None) -> list[dict]:
 
 def _args(family: str, dtype: str, extra: tuple[str, ...], disk, batched: int | None):
     kv = {"local_disk": str(disk)}
-    args = [*serve_args(family, dtype=dtype), "--served-model-name", MODEL_NAME,
-            "--enforce-eager", "--max-model-len", "4096", *extra,
-            *connector_args(kv)]
+    args = [
+        *serve_args(family, dtype=dtype),
+        "--served-model-name",
+        MODEL_NAME,
+        "--enforce-eager",
+        "--max-model-len",
+        "4096",
+        *extra,
+        *connector_args(kv),
+    ]
     if batched:
         args += ["--max-num-batched-tokens", str(batched)]
     # The chunk size follows the hybrid block size: let kvshelf pick it.
@@ -104,8 +128,10 @@ def _build(family: str, out, dtype: str, env: dict[str, str] | None):
     family's processor needs it."""
     if env is None:
         return build_model(family, out, size="xs", dtype=dtype)
-    code = f"from kvshelf.testing import build_model; build_model({family!r}, {str(out)!r}, " \
-           f"size='xs', dtype={dtype!r})"
+    code = (
+        f"from kvshelf.testing import build_model; build_model({family!r}, {str(out)!r}, "
+        f"size='xs', dtype={dtype!r})"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, **env})
     return out
 

@@ -119,8 +119,13 @@ def test_same_media_after_another_history_skips_the_encoder(
     model = build_model(family, tmp_path / "model", size="xs", dtype="float32")
     disk = tmp_path / "cache"
     base = [
-        *serve_args(family, dtype="float32"), "--served-model-name", MODEL_NAME,
-        "--enforce-eager", "--max-model-len", "4096", "--no-enable-prefix-caching",
+        *serve_args(family, dtype="float32"),
+        "--served-model-name",
+        MODEL_NAME,
+        "--enforce-eager",
+        "--max-model-len",
+        "4096",
+        "--no-enable-prefix-caching",
     ]
 
     def ask(client: _Client, history_seed: int) -> Reply:
@@ -135,15 +140,24 @@ def test_same_media_after_another_history_skips_the_encoder(
         b_ref, c_ref = ask(reference, 2), ask(reference, 3)
 
     settings = {"local_disk": str(disk), "local_cpu": False}
-    ec = {"ec_connector": "KVShelfECConnector", "ec_role": "ec_both",
-          "ec_connector_extra_config": {} if with_kv else settings}
+    ec = {
+        "ec_connector": "KVShelfECConnector",
+        "ec_role": "ec_both",
+        "ec_connector_extra_config": {} if with_kv else settings,
+    }
     args = [*base, "--ec-transfer-config", json.dumps(ec)]
     if with_kv:  # one config: the encoder cache takes KVShelfConnector's settings
-        kv = {"kv_connector": "KVShelfConnector", "kv_role": "kv_both",
-              "kv_connector_extra_config": settings}
+        kv = {
+            "kv_connector": "KVShelfConnector",
+            "kv_role": "kv_both",
+            "kv_connector_extra_config": settings,
+        }
         args += ["--kv-transfer-config", json.dumps(kv)]
     server = VllmServer(
-        model, port=free_port(), args=args, env={"VLLM_SERVER_DEV_MODE": "1"},
+        model,
+        port=free_port(),
+        args=args,
+        env={"VLLM_SERVER_DEV_MODE": "1"},
         log_path=tmp_path / "kvshelf.log",
     )
     with server:
@@ -162,8 +176,12 @@ def test_same_media_after_another_history_skips_the_encoder(
         assert b.same_answer(b_ref), (b, b_ref)
         if with_kv:
             assert b.hit_tokens == 0
-        assert wait_for_metric(server, "kvshelf_encoder_hits_total")[
-            ("kvshelf_encoder_hits_total", "")] >= 1
+        assert (
+            wait_for_metric(server, "kvshelf_encoder_hits_total")[
+                ("kvshelf_encoder_hits_total", "")
+            ]
+            >= 1
+        )
 
         # 3. The entry is corrupted and vLLM's own encoder cache emptied: C finds the
         #    entry unreadable, counts it, runs the encoder, answers right and stores anew.
@@ -195,7 +213,9 @@ _ids = itertools.count()
 def vllm_config(tmp_path, *, cache_off: bool = False, kv_extra: dict | None = None, **extra):
     """The fields of VllmConfig the connector reads, around a real ECTransferConfig."""
     ec = ECTransferConfig(
-        ec_connector="KVShelfECConnector", ec_role="ec_both", engine_id=f"ec-test-{next(_ids)}",
+        ec_connector="KVShelfECConnector",
+        ec_role="ec_both",
+        engine_id=f"ec-test-{next(_ids)}",
         ec_connector_extra_config=extra or {"disk_path": str(tmp_path / "disk")},
     )
     ec.mm_encoder_output_widths = {"image": WIDTH}
@@ -206,8 +226,13 @@ def vllm_config(tmp_path, *, cache_off: bool = False, kv_extra: dict | None = No
         ec_transfer_config=ec,
         kv_transfer_config=kv,
         model_config=SimpleNamespace(
-            model="m", revision=None, quantization=None, dtype=torch.float32, hf_overrides={},
-            is_encoder_decoder=False, get_inputs_embeds_size=lambda: WIDTH,
+            model="m",
+            revision=None,
+            quantization=None,
+            dtype=torch.float32,
+            hf_overrides={},
+            is_encoder_decoder=False,
+            get_inputs_embeds_size=lambda: WIDTH,
             multimodal_config=SimpleNamespace(mm_processor_cache_gb=0 if cache_off else 4),
         ),
         parallel_config=SimpleNamespace(tensor_parallel_size=1, data_parallel_rank=0),
@@ -217,8 +242,14 @@ def vllm_config(tmp_path, *, cache_off: bool = False, kv_extra: dict | None = No
 
 def image_request(identifier: str = CAT, salt: str | None = None) -> Request:
     feature = MultiModalFeatureSpec(None, "image", identifier, PlaceholderRange(2, 6))
-    return Request(f"r{next(_ids)}", list(range(12)), SamplingParams(max_tokens=1), None,
-                   mm_features=[feature], cache_salt=salt)
+    return Request(
+        f"r{next(_ids)}",
+        list(range(12)),
+        SamplingParams(max_tokens=1),
+        None,
+        mm_features=[feature],
+        cache_salt=salt,
+    )
 
 
 class Connectors:
@@ -280,7 +311,8 @@ def test_connector_stores_an_encoder_output_and_loads_it_for_another_request(tmp
     first.schedule(image_request(), output)
     assert first.encoded == [CAT]
     assert first.counts() == {
-        "kvshelf_encoder_lookups_total|image": 1, "kvshelf_encoder_misses_total|image": 1,
+        "kvshelf_encoder_lookups_total|image": 1,
+        "kvshelf_encoder_misses_total|image": 1,
         "kvshelf_encoder_stored_total|image": 1,
     }
     # 2. vLLM's encoder cache drops it; B (another prompt) loads it from kvshelf's memory.
@@ -320,8 +352,9 @@ def test_connector_stores_nothing_it_cannot_key_or_verify(tmp_path, caplog):
 
 
 def test_a_dead_redis_is_a_miss_and_the_encoder_runs(tmp_path):
-    config = vllm_config(tmp_path, remote_url=f"redis://127.0.0.1:{free_port()}/0",
-                         remote_timeout_s=0.1, cpu_bytes=0)
+    config = vllm_config(
+        tmp_path, remote_url=f"redis://127.0.0.1:{free_port()}/0", remote_timeout_s=0.1, cpu_bytes=0
+    )
     pair = Connectors(config)
     output = torch.randn(6, WIDTH)
     pair.schedule(image_request(), output)
@@ -344,8 +377,14 @@ def test_one_config_with_kvshelf_connector(tmp_path):
 
 
 def test_stats_aggregate_and_reduce():
-    a = KVShelfECStats(data={"counters": {"kvshelf_encoder_lookups_total|image": 2,
-                                          "kvshelf_encoder_hits_total|image": 1}})
+    a = KVShelfECStats(
+        data={
+            "counters": {
+                "kvshelf_encoder_lookups_total|image": 2,
+                "kvshelf_encoder_hits_total|image": 1,
+            }
+        }
+    )
     b = KVShelfECStats(data={"counters": {"kvshelf_encoder_lookups_total|video": 2}})
     merged = a.aggregate(b)
     assert merged.data["counters"]["kvshelf_encoder_lookups_total|video"] == 2

@@ -113,8 +113,11 @@ def test_fp8_entries_in_a_real_server(idefics3, media, tmp_path):
 
     def serve(storage: str) -> VllmServer:
         kv = {"disk_path": str(disk), "cpu_bytes": 0, "kv_storage_dtype": storage}
-        return VllmServer(idefics3, port=free_port(),
-                          args=server_args("idefics3", kv, "--no-enable-prefix-caching"))
+        return VllmServer(
+            idefics3,
+            port=free_port(),
+            args=server_args("idefics3", kv, "--no-enable-prefix-caching"),
+        )
 
     def ask(client: Client):
         return client.ask("single-image", media, media_names=["image_a"], filler_tokens=500)

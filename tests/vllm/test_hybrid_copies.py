@@ -26,18 +26,27 @@ def config(*groups) -> KVCacheConfig:
 
 
 def mamba(mode: str = "none") -> MambaSpec:
-    return MambaSpec(block_size=BLOCK, shapes=((3, 8), (2, 4, 4)),
-                     dtypes=(torch.float32, torch.float32), mamba_cache_mode=mode)
+    return MambaSpec(
+        block_size=BLOCK,
+        shapes=((3, 8), (2, 4, 4)),
+        dtypes=(torch.float32, torch.float32),
+        mamba_cache_mode=mode,
+    )
 
 
 def test_group_kinds_are_read_from_vllms_specs():
-    groups = describe_groups(config(
-        (["l0", "l2"], SlidingWindowSpec(**ATTN, sliding_window=8)),
-        (["l1", "l3"], FullAttentionSpec(**ATTN)),
-        (["m4", "m5"], mamba("align")),
-    ))
+    groups = describe_groups(
+        config(
+            (["l0", "l2"], SlidingWindowSpec(**ATTN, sliding_window=8)),
+            (["l1", "l3"], FullAttentionSpec(**ATTN)),
+            (["m4", "m5"], mamba("align")),
+        )
+    )
     assert [g.kind for g in groups.groups] == [
-        GroupKind.SLIDING_WINDOW, GroupKind.FULL, GroupKind.STATE]
+        GroupKind.SLIDING_WINDOW,
+        GroupKind.FULL,
+        GroupKind.STATE,
+    ]
     assert groups.unsupported is None and not groups.uniform and groups.has_state
     assert groups.state_groups[0].align
     assert "window=8" in groups.signature()
@@ -46,8 +55,9 @@ def test_group_kinds_are_read_from_vllms_specs():
 
 
 def test_a_group_kvshelf_cannot_copy_makes_the_model_uncacheable():
-    groups = describe_groups(config(
-        (["l0"], FullAttentionSpec(**ATTN)), (["x0"], CrossAttentionSpec(**ATTN))))
+    groups = describe_groups(
+        config((["l0"], FullAttentionSpec(**ATTN)), (["x0"], CrossAttentionSpec(**ATTN)))
+    )
     assert groups.unsupported and "CrossAttentionSpec" in groups.unsupported
 
 
@@ -72,11 +82,13 @@ def shared_caches():
         caches[f"sw{i}"] = flat.view(NUM_BLOCKS, 2, BLOCK, 16)
         caches[f"full{i}"] = flat.view(NUM_BLOCKS, 2, BLOCK, 16)
         caches[f"m{i}"] = flat.view(torch.uint8)[:, : (3 * 8 + 2 * 4 * 4) * 4]
-    groups = describe_groups(config(
-        ([f"sw{i}" for i in range(2)], SlidingWindowSpec(**ATTN, sliding_window=8)),
-        ([f"full{i}" for i in range(2)], FullAttentionSpec(**ATTN)),
-        ([f"m{i}" for i in range(2)], mamba()),
-    ))
+    groups = describe_groups(
+        config(
+            ([f"sw{i}" for i in range(2)], SlidingWindowSpec(**ATTN, sliding_window=8)),
+            ([f"full{i}" for i in range(2)], FullAttentionSpec(**ATTN)),
+            ([f"m{i}" for i in range(2)], mamba()),
+        )
+    )
     return groups, caches, memory
 
 
@@ -94,13 +106,15 @@ def test_chunks_and_states_round_trip_and_null_blocks_stay_untouched():
     for flat in memory:
         flat.zero_()
     # Load elsewhere; the window's first block is null (outside the window): skipped.
-    cache.load([ChunkCopy(chunk, tokens, 0, [[NULL_BLOCK_ID, 8, 9], [10, 11, 0]])],
-               [StateCopy(state, [3])])
+    cache.load(
+        [ChunkCopy(chunk, tokens, 0, [[NULL_BLOCK_ID, 8, 9], [10, 11, 0]])], [StateCopy(state, [3])]
+    )
     for old, new in zip(before, memory):
         assert torch.equal(new[8:10], old[2:4])  # window blocks 2, 3 -> 8, 9
         assert torch.equal(new[10:12], old[4:6])  # full blocks 4, 5 -> 10, 11
         state_bytes = (3 * 8 + 2 * 4 * 4) * 4
-        assert torch.equal(new.view(torch.uint8)[3, :state_bytes],
-                           old.view(torch.uint8)[7, :state_bytes])
+        assert torch.equal(
+            new.view(torch.uint8)[3, :state_bytes], old.view(torch.uint8)[7, :state_bytes]
+        )
         # The null block: full's third id is 0 here, so block 0 is never written.
         assert not new[0].any()

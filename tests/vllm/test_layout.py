@@ -104,21 +104,31 @@ def test_staged_groups_copy_like_direct_ones():
             assert torch.equal(target[name][block], source[name][block])
 
 
-@pytest.mark.parametrize("shape", [(NUM_BLOCKS, 2, 4, 6), (2, NUM_BLOCKS, 4, 6)], ids=["blocks-first", "kv-first"])
+@pytest.mark.parametrize(
+    "shape", [(NUM_BLOCKS, 2, 4, 6), (2, NUM_BLOCKS, 4, 6)], ids=["blocks-first", "kv-first"]
+)
 @pytest.mark.parametrize("staging_blocks", [1000, 5], ids=["one-group", "many-groups"])
-@pytest.mark.parametrize("band", [1, 2, 3, 5], ids=["layer", "bands-of-2", "bands-of-3", "all-layers"])
+@pytest.mark.parametrize(
+    "band", [1, 2, 3, 5], ids=["layer", "bands-of-2", "bands-of-3", "all-layers"]
+)
 def test_row_groups_copy_like_direct_ones(shape, staging_blocks, band, monkeypatch):
     # The GPU path for contiguous caches, run on CPU tensors: bands of whole payload
     # layers staged as rows, one indexed copy per group and layer; items pick their rows.
     source = caches(shape, layers=5)
     layout, raws = discover_layout(source, NUM_BLOCKS, 4, "x")
     copier = BlockCopier(layout, raws, rows=True)
-    monkeypatch.setattr("kvshelf.vllm.layout.STAGING_BYTES", staging_blocks * copier.layer_block_bytes)
+    monkeypatch.setattr(
+        "kvshelf.vllm.layout.STAGING_BYTES", staging_blocks * copier.layer_block_bytes
+    )
     monkeypatch.setattr("kvshelf.vllm.layout.BAND_BYTES", band * 6 * copier.layer_block_bytes)
     monkeypatch.setattr("kvshelf.vllm.layout.SAVE_BAND_BYTES", band * 6 * copier.layer_block_bytes)
     monkeypatch.setattr("kvshelf.vllm.layout.MIN_BANDS", 1)
     first, second, third = payload(copier, 6), payload(copier, 5), payload(copier, 3)
-    saves = [(first, 0, [30, 29, 28, 5, 4, 2]), (second, 0, [6, 7, 1, 3, 9]), (third, 0, [12, 13, 14])]
+    saves = [
+        (first, 0, [30, 29, 28, 5, 4, 2]),
+        (second, 0, [6, 7, 1, 3, 9]),
+        (third, 0, [12, 13, 14]),
+    ]
     groups = copier.plan(saves, load=False)
     assert len(groups) == (1 if staging_blocks == 1000 else 3)
     if band == 1:  # entries' layers are big enough: each goes out as it is gathered

@@ -30,7 +30,6 @@ CASES = [
 FILLER = 500  # tokens of text after the media: prompts span several chunks
 
 
-
 @pytest.mark.parametrize(("family", "request_type", "items"), CASES, ids=[c[0] for c in CASES])
 def test_hits_after_restart_are_exact_and_keyed_by_content(
     family, request_type, items, media, tmp_path
@@ -42,11 +41,17 @@ def test_hits_after_restart_are_exact_and_keyed_by_content(
 
     def ask(client, names, question="Describe this.", seed=0):
         return client.ask(
-            request_type, media, media_names=names, text=question,
-            filler_tokens=FILLER, filler_seed=seed,
+            request_type,
+            media,
+            media_names=names,
+            text=question,
+            filler_tokens=FILLER,
+            filler_seed=seed,
         )
 
-    server = VllmServer(model, port=free_port(), args=server_args(family, kv, "--no-enable-prefix-caching"))
+    server = VllmServer(
+        model, port=free_port(), args=server_args(family, kv, "--no-enable-prefix-caching")
+    )
     with server:
         client = Client(server)
         # Cold: nothing cached yet; each request is saved.
@@ -101,16 +106,24 @@ def test_hits_after_restart_are_exact_and_keyed_by_content(
 def test_swapped_images_hit_only_up_to_the_first_difference(idefics3, media, tmp_path):
     model = idefics3
     kv = {"local_disk": str(tmp_path / "cache"), "local_cpu": False}
-    server = VllmServer(model, port=free_port(), args=server_args("idefics3", kv, "--no-enable-prefix-caching"))
+    server = VllmServer(
+        model, port=free_port(), args=server_args("idefics3", kv, "--no-enable-prefix-caching")
+    )
     with server:
         client = Client(server)
-        pair = client.ask("multi-image", media, media_names=("image_a", "image_b"), filler_tokens=FILLER)
+        pair = client.ask(
+            "multi-image", media, media_names=("image_a", "image_b"), filler_tokens=FILLER
+        )
         assert pair.status == 200 and pair.hit_tokens == 0
         settled_files(tmp_path / "cache")
-        again = client.ask("multi-image", media, media_names=("image_a", "image_b"), filler_tokens=FILLER)
+        again = client.ask(
+            "multi-image", media, media_names=("image_a", "image_b"), filler_tokens=FILLER
+        )
         assert again.hit_tokens >= again.prompt_tokens - CHUNK_SIZE and again.same_answer(pair)
         # 4. Two images in swapped order: no hit past the first item, which now differs.
-        swapped = client.ask("multi-image", media, media_names=("image_b", "image_a"), filler_tokens=FILLER)
+        swapped = client.ask(
+            "multi-image", media, media_names=("image_b", "image_a"), filler_tokens=FILLER
+        )
         assert swapped.status == 200
         assert swapped.hit_tokens <= swapped.media[0][1]
         assert not swapped.same_answer(pair)

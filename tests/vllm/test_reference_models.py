@@ -24,8 +24,12 @@ from tests.vllm.support import CHUNK_SIZE, Client, server_args
 
 pytestmark = pytest.mark.vllm
 
-MEDIA = {"single-image": ("image_a",), "multi-image": ("image_a", "image_b"),
-         "video": ("video_a",), "audio": ("audio_a",)}
+MEDIA = {
+    "single-image": ("image_a",),
+    "multi-image": ("image_a", "image_b"),
+    "video": ("video_a",),
+    "audio": ("audio_a",),
+}
 FILLER = 300  # tokens of text after the media: every prompt spans two chunks or more
 
 
@@ -35,16 +39,24 @@ def test_reference_model_hits_in_full_after_restart(family, media, tmp_path, req
     request_type = PAGE_CHAT_TYPE[family]
     model = build_model(family, tmp_path / family, size="xs", dtype="float32")
     kv = {"local_disk": str(tmp_path / "cache")}
-    args = server_args(family, kv, "--no-enable-prefix-caching",
-                       "--allowed-local-media-path", str(media["image_a"].parent))
+    args = server_args(
+        family,
+        kv,
+        "--no-enable-prefix-caching",
+        "--allowed-local-media-path",
+        str(media["image_a"].parent),
+    )
     names = MEDIA[request_type]
 
     def ask(client, *, as_file_or_input_audio: bool = False):
         content = build_content(request_type, media, media_names=names, filler_tokens=FILLER)
         if as_file_or_input_audio:  # the same files, sent another way
             content[: len(names)] = [
-                input_audio_part(media[n]) if request_type == "audio"
-                else media_part(media[n], use_file_url=True) for n in names]
+                input_audio_part(media[n])
+                if request_type == "audio"
+                else media_part(media[n], use_file_url=True)
+                for n in names
+            ]
         return client.chat([{"role": "user", "content": content}])
 
     with VllmServer(model, port=free_port(), args=args, env=env) as server:

@@ -18,12 +18,12 @@ pytestmark = [
 FILLER = 400
 
 
-
-
 def remote_server(model, url: str, **kv) -> VllmServer:
     settings = {"remote_url": url, "remote_timeout_s": 0.5, **kv}
     return VllmServer(
-        model, port=free_port(), args=server_args("idefics3", settings, "--no-enable-prefix-caching")
+        model,
+        port=free_port(),
+        args=server_args("idefics3", settings, "--no-enable-prefix-caching"),
     )
 
 

@@ -56,8 +56,9 @@ class Setup:
     def __init__(self, tmp_path, *groups, needs_state: bool):
         engine_id = f"steps-{next(_ids)}"
         config = load_config({"chunk_size": CHUNK, "cpu_bytes": 10**7}, environ={})
-        self.groups = describe_groups(KVCacheConfig(
-            1000, [], [KVCacheGroupSpec(list(n), s) for n, s in groups]))
+        self.groups = describe_groups(
+            KVCacheConfig(1000, [], [KVCacheGroupSpec(list(n), s) for n, s in groups])
+        )
         namespace = Namespace("m", "hybrid", 0, 1, CHUNK, FORMAT_VERSION)
         self.engine = CacheEngine(config, namespace, lambda n: ("uint8", (max(n, 1),)))
         self.lookup = WorkerLookup(self.engine, prefetch=True, needs_state=needs_state)
@@ -117,8 +118,12 @@ def mamba_setup(tmp_path):
     setup = Setup(
         tmp_path,
         (["attn"], FullAttentionSpec(**ATTN)),
-        (["mamba"], MambaSpec(block_size=BLOCK, shapes=((2, 4),), dtypes=(torch.float32,),
-                              mamba_cache_mode="none")),
+        (
+            ["mamba"],
+            MambaSpec(
+                block_size=BLOCK, shapes=((2, 4),), dtypes=(torch.float32,), mamba_cache_mode="none"
+            ),
+        ),
         needs_state=True,
     )
     yield setup

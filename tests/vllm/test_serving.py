@@ -20,13 +20,18 @@ FILLER = 600
 
 
 @pytest.mark.parametrize("policy", ["recompute", "fail"])
-def test_load_failures_follow_the_policy_and_never_kill_the_engine(policy, idefics3, media, tmp_path):
+def test_load_failures_follow_the_policy_and_never_kill_the_engine(
+    policy, idefics3, media, tmp_path
+):
     # Prefetch off: lookups only check that entries exist and loads read them, so a
     # corrupt entry is found at load time and reported to vLLM as failed blocks.
     disk = tmp_path / "cache"
     kv = {"local_disk": str(disk), "local_cpu": False, "prefetch": False}
     args = server_args(
-        "idefics3", kv, "--no-enable-prefix-caching", module_path=True,
+        "idefics3",
+        kv,
+        "--no-enable-prefix-caching",
+        module_path=True,
         kv_load_failure_policy=policy,
     )
     with VllmServer(idefics3, port=free_port(), args=args) as server:
@@ -39,9 +44,12 @@ def test_load_failures_follow_the_policy_and_never_kill_the_engine(policy, idefi
         broken = client.ask("text-only", media, filler_tokens=FILLER)
         assert broken.hit_tokens >= broken.prompt_tokens - CHUNK_SIZE  # they exist...
         assert "vLLM recomputes" in client.log()  # ...but fail to load
-        assert wait_for_metric(server, "kvshelf_load_failures_total")[
-            ("kvshelf_load_failures_total", "")
-        ] >= 1
+        assert (
+            wait_for_metric(server, "kvshelf_load_failures_total")[
+                ("kvshelf_load_failures_total", "")
+            ]
+            >= 1
+        )
         if policy == "recompute":
             assert broken.status == 200 and broken.same_answer(cold)
         else:

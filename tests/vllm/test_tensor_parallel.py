@@ -18,7 +18,9 @@ from tests.vllm.support import CHUNK_SIZE, Client, server_args, settled_files
 pytestmark = pytest.mark.vllm
 FILLER = 500
 RANKS = 2
-_NAMESPACE = re.compile(r"rank (?P<rank>\d+)/(?P<world>\d+) caching \S+ under namespace (?P<ns>[0-9a-f]+)")
+_NAMESPACE = re.compile(
+    r"rank (?P<rank>\d+)/(?P<world>\d+) caching \S+ under namespace (?P<ns>[0-9a-f]+)"
+)
 
 
 def test_two_ranks_save_and_load_their_own_shards(idefics3, media, tmp_path):
@@ -37,8 +39,10 @@ def test_two_ranks_save_and_load_their_own_shards(idefics3, media, tmp_path):
         cold = client.ask("single-image", media, filler_tokens=FILLER)
         assert cold.status == 200 and cold.hit_tokens == 0
         files = settled_files(disk)
-        shards = [{p.name: decode(p.read_bytes()) for p in files if p.is_relative_to(disk / ns)}
-                  for _, ns in sorted(namespaces.items())]
+        shards = [
+            {p.name: decode(p.read_bytes()) for p in files if p.is_relative_to(disk / ns)}
+            for _, ns in sorted(namespaces.items())
+        ]
         assert shards[0] and shards[0].keys() == shards[1].keys()  # every chunk on each rank
         for name, entry in shards[0].items():  # each rank's own half of the heads
             assert entry.payload_digest() != shards[1][name].payload_digest()
