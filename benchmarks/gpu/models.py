@@ -229,8 +229,8 @@ TEXT_MODELS = {
 
 
 def build_text(out: Path, kind: str) -> Path:
+    from kvshelf.bench.words import CORPUS_WORDS
     from kvshelf.testing.models import write_gemma3_text, write_qwen3_5_vl
-    from kvshelf.testing.tokenizer import CORPUS_WORDS
 
     out.mkdir(parents=True, exist_ok=True)
     if kind == "qwen35_9b":  # transformers' defaults are the 9B text shape

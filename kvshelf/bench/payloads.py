@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import mimetypes
 import os
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from urllib.parse import unquote, urlparse
 import httpx
 
 from kvshelf.bench.client import MediaError, base_url
+from kvshelf.bench.words import filler_text
 
 REQUEST_TYPES: tuple[str, ...] = ("text-only", "single-image", "multi-image", "video", "audio")
 # Media kinds each request type sends, in order.
@@ -44,54 +44,6 @@ BUILTIN_MEDIA: dict[str, tuple[str, ...]] = {
     "audio": ("audio_a",),
 }
 QUESTION = "Describe this."
-# Plain words for padding; real tokenizers give ~1-2 tokens each, /tokenize measures it.
-_FILLER_WORDS = (
-    "the",
-    "quick",
-    "brown",
-    "fox",
-    "jumps",
-    "over",
-    "lazy",
-    "dog",
-    "what",
-    "is",
-    "in",
-    "this",
-    "image",
-    "picture",
-    "audio",
-    "video",
-    "describe",
-    "sound",
-    "hello",
-    "world",
-    "user",
-    "assistant",
-    "system",
-    "you",
-    "are",
-    "a",
-    "helpful",
-    "cat",
-    "sat",
-    "on",
-    "mat",
-    "red",
-    "green",
-    "blue",
-    "yellow",
-    "one",
-    "two",
-    "three",
-    "four",
-    "five",
-    "six",
-    "seven",
-    "eight",
-    "nine",
-    "ten",
-)
 _EXTRA_MIME = {
     ".wav": "audio/wav",
     ".mp4": "video/mp4",
@@ -172,11 +124,6 @@ def pick_media(request_type: str, given: Sequence[Media], builtin: dict[str, Med
     if mine:
         return [mine[i % len(mine)] for i in range(len(kinds))]
     return [builtin[name] for name in BUILTIN_MEDIA[request_type]]
-
-
-def filler_text(num_words: int, seed: int = 0) -> str:
-    rng = random.Random(seed)
-    return " ".join(rng.choice(_FILLER_WORDS) for _ in range(num_words))
 
 
 def chat_body(

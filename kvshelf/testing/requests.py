@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import base64
 import os
-import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from kvshelf.bench.payloads import PART_TYPES, REQUEST_TYPES
+from kvshelf.bench.words import filler_text
 from kvshelf.testing.media import mime_type
-from kvshelf.testing.tokenizer import CORPUS_WORDS
 
 # Media (names from kvshelf.testing.media.make_media) each request type sends by default.
 DEFAULT_MEDIA: dict[str, tuple[str, ...]] = {
@@ -52,15 +51,6 @@ def input_audio_part(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ValueError(f"input_audio parts here are WAV only, got {path}")
     data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
     return {"type": "input_audio", "input_audio": {"data": data, "format": "wav"}}
-
-
-def filler_text(num_tokens: int, seed: int = 0) -> str:
-    """About `num_tokens` tokens of text (exact for the test models' tokenizers).
-
-    The words are the tokenizers' training corpus, so each " word" is a single token.
-    """
-    rng = random.Random(seed)
-    return " ".join(rng.choice(CORPUS_WORDS) for _ in range(num_tokens))
 
 
 def build_content(
