@@ -66,8 +66,8 @@ _LOADED = re.compile(r"loaded (\d+) bytes in ([\d.]+) ms")
 _LOOKED_UP = re.compile(r"Total tokens (\d+), kvshelf hit tokens: (\d+)")
 SERVING: dict = {}  # the model dir's bench.json: text_only, serve_args, offload_blocks
 DISK_SETUPS = ("kvshelf", "kvshelf_buffered")  # kvshelf servers with a disk tier (a fresh one)
-THROUGHPUT = ("none", "baseline", "kvshelf_mem", *DISK_SETUPS)  # setups whose bursts are measured
-THROUGHPUT_ON = [True]  # --no-throughput: TTFT only (a short run)
+# Setups whose bursts are measured; --no-throughput empties it (TTFT only, a short run).
+THROUGHPUT = {"none", "baseline", "kvshelf_mem", *DISK_SETUPS}
 SPANS = {  # vLLM histogram -> the part of a request's TTFT it times
     "server": "vllm:time_to_first_token_seconds",  # the API server's arrival to the first token
     "queue": "vllm:request_queue_time_seconds",  # waiting in the scheduler (lookups included)
@@ -517,9 +517,7 @@ def measure_setup(
     with httpx.Client(timeout=900) as client:
         # Warm-up (first-request costs), not measured; prompt 99 is never measured.
         ttft(client, server, chat_body("m", words, sizes[-1], 99))
-        if (
-            setup in THROUGHPUT and THROUGHPUT_ON[0]
-        ):  # first, so the bursts' saves cannot evict the prompts measured
+        if setup in THROUGHPUT:  # first, so the bursts' saves cannot evict the prompts measured
             results.throughput[setup] = throughput(client, server, words)
         for size in sizes:
             prompts = list(range(cold_prompts[size]))
@@ -755,7 +753,8 @@ def main(argv: list[str] | None = None) -> int:
         SERVING.update(json.loads((args.model_dir / "bench.json").read_text()))
     if args.smoke:
         SIZES.update(SMOKE_SIZES)
-    THROUGHPUT_ON[0] = not args.no_throughput
+    if args.no_throughput:
+        THROUGHPUT.clear()
     if args.resume and earlier.exists():
         results = Results.read(earlier)
     elif args.smoke:
