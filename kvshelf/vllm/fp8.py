@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from kvshelf.vllm.layout import KVLayout, LayoutError
-from kvshelf.vllm.movers import LoadItem, SaveItem, StepCopies
+from kvshelf.vllm.movers import LoadItem, SaveItem, SyncMover
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -108,36 +108,24 @@ def dequantize(rows: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tens
     return values.flatten(-2).to(dtype)
 
 
-class Fp8Mover:
+class Fp8Mover(SyncMover):
     """Synchronous fp8 copies: the step's loads at its start, its saves at its end."""
 
-    def __init__(self, copier: Fp8Copier):
-        self.copier = copier
-        self._saves: list[SaveItem] = []
+    copier: Fp8Copier
 
-    def load(self, items: Sequence[LoadItem], forward_context: object = None) -> None:
+    def _load(self, items: Sequence[LoadItem]) -> None:
         for layer in range(self.copier.layout.num_layers):
             self.copier.load_layer(items, layer)
+        self._synchronize()
+
+    def _save(self, items: Sequence[SaveItem]) -> None:
+        for layer in range(self.copier.layout.num_layers):
+            self.copier.save_layer(items, layer)
+        self._synchronize()
+
+    def _synchronize(self) -> None:
         if self.copier.device.type == "cuda":
             torch.cuda.current_stream(self.copier.device).synchronize()
-
-    def wait_layer(self, layer: int) -> None:
-        return
-
-    def begin_saves(self, items: Sequence[SaveItem]) -> None:
-        self._saves = list(items)
-
-    def save_layer(self, layer: int) -> None:
-        return
-
-    def finish_step(self) -> StepCopies:
-        if self._saves:
-            for layer in range(self.copier.layout.num_layers):
-                self.copier.save_layer(self._saves, layer)
-            if self.copier.device.type == "cuda":
-                torch.cuda.current_stream(self.copier.device).synchronize()
-        self._saves = []
-        return StepCopies()
 
 
 def scale_group(tensor: torch.Tensor) -> int:

@@ -83,9 +83,7 @@ class SyncMover:
 
     def load(self, items: Sequence[LoadItem], forward_context: object = None) -> None:
         started = time.perf_counter()
-        groups = _load_plan(self.copier, items)
-        for layer in range(self.copier.layout.num_layers):
-            self.copier.scatter(groups, layer)
+        self._load(items)
         self._done.load_seconds = time.perf_counter() - started
 
     def wait_layer(self, layer: int) -> None:
@@ -99,12 +97,20 @@ class SyncMover:
 
     def finish_step(self) -> StepCopies:
         if self._saves:
-            groups = _save_plan(self.copier, self._saves)
-            for layer in range(self.copier.layout.num_layers):
-                self.copier.gather(groups, layer)
+            self._save(self._saves)
         self._saves = []
         done, self._done = self._done, StepCopies()
         return done
+
+    def _load(self, items: Sequence[LoadItem]) -> None:
+        groups = _load_plan(self.copier, items)
+        for layer in range(self.copier.layout.num_layers):
+            self.copier.scatter(groups, layer)
+
+    def _save(self, items: Sequence[SaveItem]) -> None:
+        groups = _save_plan(self.copier, items)
+        for layer in range(self.copier.layout.num_layers):
+            self.copier.gather(groups, layer)
 
 
 class CudaMover:
