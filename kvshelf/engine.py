@@ -104,7 +104,6 @@ class CacheEngine:
             config.disk_path / self.namespace_id.hex() / PACE_FILE if config.disk_path else None
         )
         self.seconds_per_token = _read_pace(self._pace_file)  # this model's prefill
-        self._bytes_per_token: float | None = None
         self._unpaid_logged_at = -math.inf
         self._heap = HeapMemory()
         self._holds: dict[str, _Hold] = {}
@@ -217,10 +216,11 @@ class CacheEngine:
         self, chunks: Sequence[Chunk], owner: str, whole: bool
     ) -> tuple[list[Chunk], bool]:
         """:meth:`fetch` the prefix of ``chunks`` that pays, in steps where a tier's
-        speed is still unknown (without a prefill speed: all of them). Also says whether
-        it stopped short by choice (the rest would load slower than it recomputes)."""
+        speed is still unknown (without a prefill speed or entry sizes: all of them).
+        Also says whether it stopped short by choice (the rest would load slower than it
+        recomputes)."""
         spt = self.seconds_per_token
-        if spt is None or not self.store.lower:
+        if spt is None or not self.store.lower or self.payload_spec is None:
             return self.fetch(chunks, owner), False
         got: list[Chunk] = []
         todo = list(chunks)
@@ -244,9 +244,8 @@ class CacheEngine:
         ]
 
     def _chunk_bytes(self, chunk: Chunk) -> int:
-        if self.payload_spec is not None and chunk.num_tokens:
-            return payload_bytes(*self.payload_spec(chunk.num_tokens))
-        return int(chunk.num_tokens * (self._bytes_per_token or 0))
+        assert self.payload_spec is not None  # pacing needs entry sizes
+        return payload_bytes(*self.payload_spec(chunk.num_tokens))
 
     def _note_unpaid(self, chunks: Sequence[Chunk], spt: float) -> None:
         """Count tokens left to recompute; say why, at most once a minute."""
@@ -295,8 +294,6 @@ class CacheEngine:
         from ordinary memory, or, without ``fallback``, none: the save is dropped and
         counted (a GPU copy into unpinned memory would stall the step)."""
         nbytes = payload_bytes(dtype, shape)
-        if chunk.num_tokens:
-            self._bytes_per_token = nbytes / chunk.num_tokens
         memory = self.store.memory
         block = memory.allocate(nbytes) if memory is not None else None
         if block is None and not fallback:
