@@ -250,9 +250,13 @@ class MemoryStore(Store):
 
     def _eviction_order(self) -> Iterator[StoreKey]:  # holds lock
         """Unpinned entries, clean ones first, each kind least recently used first."""
-        unpinned = [key for key in self._entries if not self._pins[key]]
-        yield from (key for key in unpinned if key not in self._dirty)
-        yield from (key for key in unpinned if key in self._dirty)
+        # Lazy: eviction usually needs the first few. Callers pop only after iterating.
+        for dirty in (False, True):
+            yield from (
+                key
+                for key in self._entries
+                if not self._pins[key] and (key in self._dirty) is dirty
+            )
 
     def _evict(self, key: StoreKey) -> object:  # holds lock
         """Take one entry out; returns its buffer, still counted in ``_used``."""
