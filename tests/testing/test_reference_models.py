@@ -20,9 +20,9 @@ from kvshelf.testing.reference_models import (
     PAGE_CHAT_TYPE,
     REAL_SHAPES,
     REFERENCE_FAMILIES,
-    REMOTE_CODE_FILE,
     write_real_shape,
 )
+from kvshelf.testing.reference_writers import REMOTE_CODE_FILE
 
 
 @pytest.fixture(scope="module")
