@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import logging
 import mmap
 import os
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -55,6 +53,7 @@ from kvshelf.storage.base import (
     Store,
     StoreStats,
 )
+from kvshelf.storage.disk_io import O_DIRECT, publish, read_all, read_upto, stop_direct
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +64,6 @@ READ_THREADS = 8  # pieces read at once by one get(): a few streams leave a fast
 PIECE_BYTES = 8 << 20  # one read request; a larger entry is read by several threads at once
 DIRECT_MIN_BYTES = 1 << 20  # smaller payloads are read through the page cache
 DIRECT_ALIGN = 4096  # O_DIRECT offsets and lengths: a multiple of every common sector size
-WRITEBACK_BYTES = 4 << 20  # with fsync, the disk starts writing each such slice at once
-_O_DIRECT = getattr(os, "O_DIRECT", 0)  # 0 where the platform has none (macOS)
 
 
 @dataclass(slots=True, eq=False)
@@ -109,7 +106,7 @@ class DiskStore(Store):
         self._readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="kvshelf-disk-read")
         self._fill_lock = threading.Lock()
         self._bounce = threading.local()  # per reader thread: an aligned buffer for O_DIRECT
-        self.direct = _O_DIRECT != 0  # False once the filesystem refuses O_DIRECT
+        self.direct = O_DIRECT != 0  # False once the filesystem refuses O_DIRECT
         # Lower bound of the memory alignment O_DIRECT needs here, learned from refusals
         # (NVMe takes 4-byte aligned buffers, virtio and SCSI disks 512-byte ones).
         self.direct_memory_align = 1
@@ -166,7 +163,7 @@ class DiskStore(Store):
             return
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._publish(path, [description.encode()])
+            publish(path, [description.encode()], self.fsync)
         except OSError as exc:
             self._warn_once(exc, "cannot describe namespace in %s: %s", path, exc)
 
@@ -217,7 +214,7 @@ class DiskStore(Store):
         """A file descriptor, and whether it bypasses the page cache."""
         if self.direct and os.stat(path).st_size >= HEADER_BYTES + DIRECT_MIN_BYTES:
             try:
-                return os.open(path, os.O_RDONLY | _O_DIRECT), True
+                return os.open(path, os.O_RDONLY | O_DIRECT), True
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
@@ -233,12 +230,12 @@ class DiskStore(Store):
         if direct:
             bounce = self._bounce_buffer()[:DIRECT_ALIGN]
             try:
-                return bytes(bounce[: _read_upto(fd, bounce, 0)]), True
+                return bytes(bounce[: read_upto(fd, bounce, 0)]), True
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
                 self._direct_off(exc)
-                _stop_direct(fd)
+                stop_direct(fd)
         return os.pread(fd, HEADER_BYTES, 0), False
 
     def _fill(self, piece: tuple[_Read, int, int]) -> None:
@@ -258,7 +255,7 @@ class DiskStore(Store):
     def _read_range(self, read: _Read, start: int, stop: int) -> None:
         view = read.block.view[start - HEADER_BYTES : stop - HEADER_BYTES]
         if not read.direct:
-            _read_all(read.fd, view, start)
+            read_all(read.fd, view, start)
             return
         aligned = stop - stop % DIRECT_ALIGN  # ``start`` is aligned: _pieces saw to it
         try:
@@ -271,16 +268,16 @@ class DiskStore(Store):
                 raise
             # Aligned memory, offset and length refused: the filesystem wants more.
             self._direct_off(exc)
-            _stop_direct(read.fd)
+            stop_direct(read.fd)
             read.direct = False
-            _read_all(read.fd, view, start)
+            read_all(read.fd, view, start)
 
     def _read_direct(self, fd: int, view: memoryview, offset: int) -> None:
         """An aligned range, straight into ``view`` where the device takes its address."""
         address = np.frombuffer(view, dtype=np.uint8).ctypes.data
         if address % self.direct_memory_align == 0:
             try:
-                _read_all(fd, view, offset)
+                read_all(fd, view, offset)
                 return
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
@@ -297,7 +294,7 @@ class DiskStore(Store):
         while done < view.nbytes:
             want = min(view.nbytes - done, bounce.nbytes)
             span = -(-want // DIRECT_ALIGN) * DIRECT_ALIGN  # past the end of file: fine
-            if _read_upto(fd, bounce[:span], offset + done, want) < want:
+            if read_upto(fd, bounce[:span], offset + done, want) < want:
                 raise CorruptEntry("short read")
             # numpy copies without the GIL; a memoryview slice assignment would hold it
             np.copyto(target[done : done + want], np.frombuffer(bounce[:want], dtype=np.uint8))
@@ -370,7 +367,7 @@ class DiskStore(Store):
             return 0
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._publish(path, [encode_header(entry), entry.payload])
+            publish(path, [encode_header(entry), entry.payload], self.fsync)
         except OSError as exc:
             with self._lock:
                 self._used -= size
@@ -384,29 +381,6 @@ class DiskStore(Store):
                 self._index[entry.key] = size
         self._counters.add(writes=1, bytes_written=entry.nbytes)
         return 1
-
-    def _publish(self, path: Path, parts: list) -> None:
-        """Write ``parts`` to a temp file beside ``path``, then rename it into place."""
-        temp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            # With fsync, start the disk on each slice as soon as it is written: fsync
-            # then waits for the last slice, not for the whole entry.
-            _write_all(fd, parts, WRITEBACK_BYTES if self.fsync else 0)
-            if self.fsync:
-                os.fsync(fd)
-                with contextlib.suppress(OSError):  # on disk now: the page cache need not keep it
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        except BaseException:
-            os.close(fd)
-            temp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        try:
-            os.replace(temp, path)
-        except OSError:
-            temp.unlink(missing_ok=True)
-            raise
 
     def _make_room(self, nbytes: int) -> bool:
         """Evict LRU entries until ``nbytes`` fit and reserve them in ``_used``; ``False``
@@ -493,63 +467,6 @@ class DiskStore(Store):
             logger.warning(message, *args)
 
 
-def _write_all(fd: int, parts: list, writeback_bytes: int = 0) -> None:
-    """Write ``parts`` in order; with ``writeback_bytes``, in slices of that size, each
-    handed to the disk once written (``POSIX_FADV_DONTNEED`` starts the writeback of dirty
-    pages and drops none of them)."""
-    views = [memoryview(p).cast("B") for p in parts]
-    if not writeback_bytes:
-        _writev_all(fd, views)
-        return
-    offset, batch = 0, []
-    for view in views:
-        while view.nbytes:
-            batch.append(view[: writeback_bytes - offset % writeback_bytes])
-            view = view[batch[-1].nbytes :]
-            offset += batch[-1].nbytes
-            if offset % writeback_bytes == 0:
-                _write_slice(fd, batch, offset)
-                batch = []
-    if batch:
-        _write_slice(fd, batch, offset)
-
-
-def _write_slice(fd: int, views: list[memoryview], end: int) -> None:
-    _writev_all(fd, views)
-    nbytes = sum(v.nbytes for v in views)
-    with contextlib.suppress(OSError):  # a hint; never fatal
-        os.posix_fadvise(fd, end - nbytes, nbytes, os.POSIX_FADV_DONTNEED)
-
-
-def _writev_all(fd: int, views: list[memoryview]) -> None:
-    views = list(views)
-    while views:
-        written = os.writev(fd, views)
-        while views and written >= views[0].nbytes:
-            written -= views[0].nbytes
-            views.pop(0)
-        if views and written:
-            views[0] = views[0][written:]
-
-
-def _read_all(fd: int, view: memoryview, offset: int) -> None:
-    if _read_upto(fd, view, offset) < view.nbytes:
-        raise CorruptEntry("short read")
-
-
-def _read_upto(fd: int, view: memoryview, offset: int, enough: int | None = None) -> int:
-    """Read into ``view`` from ``offset`` until ``enough`` bytes (all of ``view`` by
-    default) or the end of the file; returns how many bytes came."""
-    enough = view.nbytes if enough is None else enough
-    done = 0
-    while done < enough:
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if got == 0:
-            break
-        done += got
-    return done
-
-
 def _pieces(read: _Read) -> list[tuple[_Read, int, int]]:
     """The file ranges left to read, split at multiples of ``PIECE_BYTES`` (so every piece
     but the first starts aligned; the first does too when O_DIRECT read the first block)."""
@@ -570,11 +487,6 @@ def _check(read: _Read) -> None:
             read.checked = True
         except CorruptEntry as exc:
             read.failure = exc
-
-
-def _stop_direct(fd: int) -> None:
-    """Let ``fd`` read through the page cache from now on (Linux allows the switch)."""
-    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
 
 
 def _subdirs(path: Path) -> list[os.DirEntry]:
