@@ -30,8 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import redis
@@ -54,7 +53,7 @@ from kvshelf.storage.base import (
     Store,
     StoreStats,
 )
-from kvshelf.storage.redis_connect import Halt, Link, get_into
+from kvshelf.storage.redis_connect import CallThreads, Halt, Link, batches, get_into
 from kvshelf.storage.redis_layout import (
     MAX_PART_BYTES,
     NONCE_BYTES,
@@ -149,7 +148,7 @@ class RedisStore(Store):
         self.buffers = buffers
         self._connect = connect
         self._client: Client | None = None
-        self._threads: ThreadPoolExecutor | None = None
+        self._threads = CallThreads(connections, "kvshelf-remote")
         # Each task of a call moves at most this much: the call's total stays PIPELINE_BYTES.
         self._task_bytes = max(1, PIPELINE_BYTES // connections)
         self._secrets = tuple(s for s in secrets if s)
@@ -220,9 +219,7 @@ class RedisStore(Store):
     def close(self) -> None:
         with self._lock:
             client, self._client = self._client, None
-            threads, self._threads = self._threads, None
-        if threads is not None:
-            threads.shutdown()  # the tasks in flight end within the timeout
+        self._threads.shutdown()
         if client is not None:
             client.close()
 
@@ -256,9 +253,9 @@ class RedisStore(Store):
         tasks = [
             (pool, batch, halt)
             for pool, group in self._by_pool(jobs, halt)
-            for batch in _batches(group, lambda job: job[3], self._task_bytes)
+            for batch in batches(group, lambda job: job[3], self._task_bytes)
         ]
-        self._parallel(self._fetch, tasks)
+        self._threads.run(self._fetch, tasks)
         bad: list[tuple[StoreKey, RemoteHead | None]] = []
         for i, read in reads:
             if not read.finished:  # no parts, or parts never sent for
@@ -360,8 +357,8 @@ class RedisStore(Store):
         saves = [_Save(entry, os.urandom(NONCE_BYTES)) for entry in entries]
         jobs = [(save, command) for save in saves for command in self._part_commands(save)]
         halt = Halt()
-        tasks = [(batch, halt) for batch in _batches(jobs, _part_bytes, self._task_bytes)]
-        self._parallel(self._send_parts, tasks)
+        tasks = [(batch, halt) for batch in batches(jobs, _part_bytes, self._task_bytes)]
+        self._threads.run(self._send_parts, tasks)
         for save in saves:
             if save.landed and save.head is None:  # an entry of no parts
                 save.head = self._head_command(save)
@@ -472,30 +469,6 @@ class RedisStore(Store):
         self._link.succeeded()
         return results
 
-    def _parallel(self, task: Callable, tasks: Sequence) -> list:
-        """``task`` over ``tasks``, results in order, on this thread and up to
-        ``connections - 1`` helpers from the store's pool. This thread works through the
-        tasks too, so a call moves on even while other calls keep every helper busy."""
-        if len(tasks) <= 1 or self.connections == 1:
-            return [task(t) for t in tasks]
-        results: list = [None] * len(tasks)
-        todo = iter(range(len(tasks)))  # next() on it is atomic: a C iterator, under the GIL
-
-        def work() -> None:
-            for i in todo:
-                results[i] = task(tasks[i])
-
-        with self._lock:
-            if self._threads is None:
-                self._threads = ThreadPoolExecutor(self.connections - 1, "kvshelf-remote")
-            helpers = [
-                self._threads.submit(work) for _ in range(min(self.connections, len(tasks)) - 1)
-            ]
-        work()
-        for helper in helpers:
-            helper.result()
-        return results
-
     def client(self) -> Client:
         """The redis-py client (made on first use); for admin tools that scan keys."""
         with self._lock:
@@ -553,17 +526,3 @@ def _land(read: _Read, offset: int, nbytes: int, found: int | None) -> None:
 
 def _part_bytes(job: tuple[_Save, tuple]) -> int:
     return job[1][2].nbytes  # ("SET", key, view, ...)
-
-
-def _batches(items: Sequence, size: Callable, limit: int) -> Iterator[list]:
-    """Consecutive runs of ``items`` of at most ``limit`` total size (at least one each)."""
-    batch: list = []
-    total = 0
-    for item in items:
-        if batch and total + size(item) > limit:
-            yield batch
-            batch, total = [], 0
-        batch.append(item)
-        total += size(item)
-    if batch:
-        yield batch

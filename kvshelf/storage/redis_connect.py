@@ -1,6 +1,7 @@
 """Connections of the remote tier: opening it from ``remote_url`` (standalone, TLS, unix
 socket or cluster), whether the server is worth asking (:class:`Link`), and reading
-values straight into the buffers they belong in (:func:`get_into`)."""
+values straight into the buffers they belong in (:func:`get_into`); a call's tasks spread
+over threads (:class:`CallThreads`)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import unquote
 
 import redis
@@ -25,6 +27,9 @@ if TYPE_CHECKING:  # the store imports this module for its reads
     from kvshelf.storage.redis import Client, RedisStore
 
 logger = logging.getLogger("kvshelf.storage.redis")  # the tier's one logger
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 RECV_BYTES = 64 * 2**10  # one read of reply lines; values go straight to their buffer
@@ -197,6 +202,59 @@ class Halt:
             self.stopped = True
             self.unreachable |= unreachable
             return first
+
+
+class CallThreads:
+    """Runs one call's tasks on the calling thread and up to ``count - 1`` helper threads
+    that every call shares (started on first use). The calling thread works through the
+    tasks too, so a call moves on even while other calls keep every helper busy."""
+
+    def __init__(self, count: int, name: str) -> None:
+        self.count = count
+        self._name = name
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def run(self, task: Callable[[T], R], tasks: Sequence[T]) -> list[R | None]:
+        """``task`` over ``tasks``, results in order."""
+        if len(tasks) <= 1 or self.count == 1:
+            return [task(t) for t in tasks]
+        results: list[R | None] = [None] * len(tasks)
+        todo = iter(range(len(tasks)))  # next() on it is atomic: a C iterator, under the GIL
+
+        def work() -> None:
+            for i in todo:
+                results[i] = task(tasks[i])
+
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.count - 1, self._name)
+            helpers = [self._pool.submit(work) for _ in range(min(self.count, len(tasks)) - 1)]
+        work()
+        for helper in helpers:
+            helper.result()
+        return results
+
+    def shutdown(self) -> None:
+        """Stop the helpers once their tasks in flight end (within the tier's timeout)."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown()
+
+
+def batches(items: Sequence[T], size: Callable[[T], int], limit: int) -> Iterator[list[T]]:
+    """Consecutive runs of ``items`` of at most ``limit`` total size (at least one each)."""
+    batch: list[T] = []
+    total = 0
+    for item in items:
+        if batch and total + size(item) > limit:
+            yield batch
+            batch, total = [], 0
+        batch.append(item)
+        total += size(item)
+    if batch:
+        yield batch
 
 
 # -- reading values into place ------------------------------------------------------------
