@@ -29,6 +29,7 @@ from typing import Self
 import redis
 
 from kvshelf.testing.server import free_port
+from kvshelf.testing.tls import make_tls_files
 
 BINARIES = ("redis-server", "valkey-server")
 LOG_TAIL_LINES = 20
@@ -120,7 +121,7 @@ class RedisServer:
         self._formed = False
         self.dir = Path(tempfile.mkdtemp(prefix="kvshelf-redis-"))
         self.unix_path = self.dir / "redis.sock" if unix_socket else None
-        self.tls_files = _make_tls_files(self.dir) if tls else None
+        self.tls_files = make_tls_files(self.dir) if tls else None
         self._proc: subprocess.Popen[bytes] | None = None
         atexit.register(self.close)
 
@@ -418,67 +419,6 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)  # start_new_session: the server leads its own group
     except ProcessLookupError:
         pass
-
-
-def _make_tls_files(directory: Path) -> dict[str, Path]:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, all for one day."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        raise FileNotFoundError("tls=True needs the openssl command")
-    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    run = [
-        [
-            "req",
-            "-x509",
-            *key,
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=kvshelf test CA",
-        ],
-    ]
-    for name in ("server", "client"):
-        run += [
-            [
-                "req",
-                *key,
-                "-keyout",
-                f"{name}.key",
-                "-out",
-                f"{name}.csr",
-                "-subj",
-                f"/CN=kvshelf test {name}",
-            ],
-            [
-                "x509",
-                "-req",
-                "-in",
-                f"{name}.csr",
-                "-CA",
-                "ca.crt",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                f"{name}.crt",
-                "-days",
-                "1",
-                "-extfile",
-                "san.ext",
-            ],
-        ]
-    for args in run:
-        subprocess.run([openssl, *args], cwd=directory, check=True, capture_output=True)
-    return {
-        "ca": directory / "ca.crt",
-        "cert": directory / "client.crt",
-        "key": directory / "client.key",
-    }
 
 
 # Looked up here, not in the forked child, which then only makes one libc call.
