@@ -269,14 +269,14 @@ def _redis_clear(url: str, prefixes: Sequence[str]) -> Cleared:
     entries = keys = 0
     seen: set[str] = set()
     for pattern in patterns:
-        found = [k for k in _scan(client, url, pattern) if _REDIS_KEY.fullmatch(k)]
-        for batch in _batches(found):
+        found = {k: m for k in _scan(client, url, pattern) if (m := _REDIS_KEY.fullmatch(k))}
+        for batch in _batches(list(found)):
             # One key per UNLINK: a cluster cannot take keys of several slots in one command.
             replies = _pipeline(client, url, [("UNLINK", k) for k in batch])
             for key, removed in zip(batch, replies):
                 if removed == 1:
                     keys += 1
-                    match = _REDIS_KEY.fullmatch(key)
+                    match = found[key]
                     entries += match["rest"] == b"h"
                     seen.add(match["ns"].decode())
     return Cleared(shown, chosen or sorted(seen), entries, keys)

@@ -42,9 +42,11 @@ class KVShelfConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     chunk_size: int = Field(256, gt=0, description="tokens per cache entry")
-    cpu_bytes: ByteSize = Field(5 * GB, ge=0, description="memory tier budget; 0 disables it")
+    cpu_bytes: ByteSize = Field(
+        ByteSize(5 * GB), ge=0, description="memory tier budget; 0 disables it"
+    )
     disk_path: Path | None = Field(None, description="disk tier directory; unset disables it")
-    disk_bytes: ByteSize = Field(50 * GB, gt=0, description="disk tier budget")
+    disk_bytes: ByteSize = Field(ByteSize(50 * GB), gt=0, description="disk tier budget")
     disk_fsync: bool = Field(
         True,
         description="fsync each entry before publishing it and drop it from the page cache: "
@@ -66,7 +68,7 @@ class KVShelfConfig(BaseModel):
     )
     remote_ttl_s: int | None = Field(None, gt=0, description="expire remote entries")
     remote_part_bytes: ByteSize = Field(
-        8 * 2**20,
+        ByteSize(8 * 2**20),
         ge=2**16,
         le=512 * 2**20,
         description="split remote values into parts of this size",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Protocol
 
 import numpy as np
@@ -60,7 +60,7 @@ class Counters:
     def snapshot(self, **current: int) -> StoreStats:
         """A copy, with gauges (``used_bytes``, ``entries``) set from ``current``."""
         with self._lock:
-            stats = StoreStats(**self._stats.as_dict())
+            stats = replace(self._stats)
         for name, value in current.items():
             setattr(stats, name, value)
         return stats
@@ -129,7 +129,7 @@ class HeapMemory(HostMemory):
 
     def alloc(self, nbytes: int) -> HostBlock:
         # np.empty skips the zero-fill bytearray() would do.
-        return HostBlock(memoryview(np.empty(nbytes, dtype=np.uint8)).cast("B"), self)
+        return HostBlock(np.empty(nbytes, dtype=np.uint8).data.cast("B"), self)
 
     def free(self, block: HostBlock) -> None:
         block.view = memoryview(b"")

@@ -102,7 +102,7 @@ class DiskStore(Store):
         self._used = 0
         self._lock = threading.Lock()
         self._counters = Counters(self.name, capacity_bytes)
-        self._warned: set[int] = set()
+        self._warned: set[int | None] = set()  # errnos already logged
         self._readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="kvshelf-disk-read")
         self._fill_lock = threading.Lock()
         self._bounce = threading.local()  # per reader thread: an aligned buffer for O_DIRECT
@@ -489,7 +489,7 @@ def _check(read: _Read) -> None:
             read.failure = exc
 
 
-def _subdirs(path: Path) -> list[os.DirEntry]:
+def _subdirs(path: str | os.PathLike[str]) -> list[os.DirEntry[str]]:
     try:
         return [d for d in os.scandir(path) if d.is_dir(follow_symlinks=False)]
     except OSError:

@@ -16,6 +16,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
+from typing import cast
 
 from kvshelf.codec import Entry
 from kvshelf.keys import StoreKey
@@ -52,9 +53,9 @@ class MemoryStore(Store):
             # Hand out an evicted buffer of the same size rather than fresh memory: new
             # pages cost a fault each (and a pinned allocator is slow to grow).
             reused = next((b for b in victims if b.view.nbytes == nbytes), None)
-            for block in victims:
-                if block is not reused:
-                    self._release(block)
+            for victim in victims:
+                if victim is not reused:
+                    self._release(victim)
             if reused is not None:
                 return reused  # its bytes stay counted in _used, now as a buffer
             block = self.host.alloc(nbytes)
@@ -258,13 +259,14 @@ class MemoryStore(Store):
                 if not self._pins[key] and (key in self._dirty) is dirty
             )
 
-    def _evict(self, key: StoreKey) -> object:  # holds lock
+    def _evict(self, key: StoreKey) -> HostBlock:  # holds lock
         """Take one entry out; returns its buffer, still counted in ``_used``."""
         if key in self._dirty:
             self._dirty.discard(key)
             self._lost_writes += 1
         self._counters.add(evictions=1)
-        return self._entries.pop(key).owner
+        # Resident entries own one of our buffers: _adopt and _copy_in see to it.
+        return cast(HostBlock, self._entries.pop(key).owner)
 
     def _release(self, block: object) -> None:  # holds lock
         if isinstance(block, HostBlock) and block.memory is self.host:

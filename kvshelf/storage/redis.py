@@ -362,13 +362,13 @@ class RedisStore(Store):
         for save in saves:
             if save.landed and save.head is None:  # an entry of no parts
                 save.head = self._head_command(save)
-        complete = [save for save in saves if save.head is not None]
+        complete = [(save, save.head) for save in saves if save.head is not None]
         answers = None
         if complete and not halt.unreachable:
-            answers = self._round_trip([save.head for save in complete], halt)
+            answers = self._round_trip([head for _, head in complete], halt)
         stored = skipped = 0
         leftovers = [save for save in saves if save.head is None]
-        for save, answer in zip(complete, answers or ()):
+        for (save, _), answer in zip(complete, answers or ()):
             if answer is True:
                 stored += 1
                 self._counters.add(bytes_written=save.entry.nbytes)
