@@ -162,10 +162,10 @@ def runs_table(
             _int(first.prompt_tokens),
         ]
         for r in rounds:
-            m = by_round.get(r)
-            cells.append(format_seconds(m.ttft_s if m else None))
+            found = by_round.get(r)
+            cells.append(format_seconds(found.ttft_s if found else None))
             if hits:
-                cells.append(_hit(m))
+                cells.append(_hit(found))
         table.add_row(*cells)
     totals = [*([""] if models else []), "total (one request at a time)", *([""] * len(media)), ""]
     for r in rounds:

@@ -59,9 +59,10 @@ class Demo:
         self.media_dir = self.work / "media"
         self.cache_dir = self.work / "cache"
         self.systems = [s for s in SYSTEMS if set(s.chat_types) & set(args.types)]
-        flags = cpu_flags()
         self.dtype, self.dtype_why = (
-            pick_dtype(flags) if args.dtype == "auto" else (args.dtype, "asked for with --dtype")
+            pick_dtype(cpu_flags())
+            if args.dtype == "auto"
+            else (str(args.dtype), "asked for with --dtype")
         )
         self.measurements: list[Measurement] = []
         self.warmups: list[Measurement] = []

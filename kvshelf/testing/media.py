@@ -87,7 +87,7 @@ def mp4_bytes(
     # OpenCV writes only to a path; the clip goes through a temp file.
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "clip.mp4")
-        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+        writer = cv2.VideoWriter(path, cv2.VideoWriter.fourcc(*"mp4v"), fps, (width, height))
         if not writer.isOpened():
             raise RuntimeError("OpenCV cannot write MP4 (mp4v); is its FFmpeg backend present?")
         for i in range(num_frames):

@@ -117,10 +117,10 @@ class Phi3VImageProcessor(ImageProcessingMixin):
         scaled = (min(max(1, scaled[0]), padded_w), min(max(1, scaled[1]), padded_h))
         canvas = Image.new("RGB", (padded_w, padded_h), (255, 255, 255))
         canvas.paste(
-            image.resize(scaled, Image.BICUBIC),
+            image.resize(scaled, Image.Resampling.BICUBIC),
             ((padded_w - scaled[0]) // 2, (padded_h - scaled[1]) // 2),
         )
-        views = [canvas.resize((CROP_PX, CROP_PX), Image.BICUBIC)]
+        views = [canvas.resize((CROP_PX, CROP_PX), Image.Resampling.BICUBIC)]
         for top in range(0, padded_h, CROP_PX):
             for left in range(0, padded_w, CROP_PX):
                 views.append(canvas.crop((left, top, left + CROP_PX, top + CROP_PX)))
@@ -217,6 +217,8 @@ def ultravox_num_tokens(num_mel_frames: int, stack_factor: int) -> int:
 class UltravoxProcessor(ProcessorMixin):
     """Whisper log-mel features per chunk of at most ``chunk_length`` seconds, and the
     ``<|audio|>`` placeholder expanded to the audio's token count in ``input_ids``."""
+
+    audio_processor: Any  # set by ProcessorMixin from the first argument
 
     def __init__(
         self,

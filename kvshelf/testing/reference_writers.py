@@ -308,8 +308,10 @@ def write_llava_onevision(
     }
     side = vision["image_size"]
     pinpoints = [[side * i, side * j] for i in range(1, 7) for j in range(1, 7)]
+    tower = SiglipVisionConfig(**vision)
+    tower.vision_use_head = False  # not in the config class's signature
     config = LlavaOnevisionConfig(
-        vision_config=SiglipVisionConfig(**vision, vision_use_head=False),
+        vision_config=tower,
         text_config=Qwen2Config(**text),
         image_token_index=ids["image"],
         video_token_index=ids["video"],

@@ -282,15 +282,6 @@ def write_qwen3_5_vl(out: Path, text: dict[str, Any], vision: dict[str, Any], dt
         pad_token="<|endoftext|>",
         chat_template=_QWEN_VL_TEMPLATE,
     )
-    ids = {
-        name: token_id(tokenizer, tok)
-        for name, tok in (
-            ("image_token_id", "<|image_pad|>"),
-            ("video_token_id", "<|video_pad|>"),
-            ("vision_start_token_id", "<|vision_start|>"),
-            ("vision_end_token_id", "<|vision_end|>"),
-        )
-    }
     pixels = {"shortest_edge": 56 * 56, "longest_edge": 224 * 224}
     processor = Qwen3VLProcessor(
         image_processor=Qwen2VLImageProcessor(size=pixels, patch_size=16, merge_size=2),
@@ -319,7 +310,10 @@ def write_qwen3_5_vl(out: Path, text: dict[str, Any], vision: dict[str, Any], dt
         vision_config=vision_config,
         tie_word_embeddings=True,
         dtype=dtype,
-        **ids,
+        image_token_id=token_id(tokenizer, "<|image_pad|>"),
+        video_token_id=token_id(tokenizer, "<|video_pad|>"),
+        vision_start_token_id=token_id(tokenizer, "<|vision_start|>"),
+        vision_end_token_id=token_id(tokenizer, "<|vision_end|>"),
     )
     config.architectures = ["Qwen3_5ForConditionalGeneration"]
     config.save_pretrained(out)

@@ -136,7 +136,7 @@ def write_ovis2_5(out: Path, preset: SizePreset, dtype: str) -> Shapes:
         "use_rope": True,
         "hidden_act": "gelu_pytorch_tanh",
     }
-    config = {
+    config: dict[str, Any] = {
         "architectures": ["Ovis2_5"],
         "model_type": "ovis2_5",
         "auto_map": {"AutoConfig": "configuration_ovis2_5.Ovis2_5_Config"},
@@ -175,9 +175,8 @@ def _ovis2_5_shapes(
         "num_patches",
     }
     llm = Qwen3Config(**{k: v for k, v in llm_config.items() if k not in skip})
-    vit = SiglipVisionConfig(
-        **{k: v for k, v in vit_config.items() if k not in skip}, vision_use_head=False
-    )
+    vit = SiglipVisionConfig(**{k: v for k, v in vit_config.items() if k not in skip})
+    vit.vision_use_head = False  # not in the config class's signature
     shapes = meta_shapes(Qwen3ForCausalLM, llm, [("lm_head.", None), ("model.", "llm.model.")])
     vit_prefix = "visual_tokenizer.vit.vision_model."
     shapes |= meta_shapes(SiglipVisionModel, vit, [("vision_model.", vit_prefix), ("", vit_prefix)])
