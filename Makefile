@@ -23,6 +23,7 @@ test-fast: setup
 lint:
 	$(VENV)/bin/ruff check kvshelf tests benchmarks
 	$(VENV)/bin/ruff format --check kvshelf tests benchmarks
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf .work out .pytest_cache .hypothesis
