@@ -112,6 +112,27 @@ _GEMMA3_MM_TEMPLATE = (
 )
 
 
+_GEMMA3_MM_NAMES = {
+    "boi_token": "<start_of_image>",
+    "eoi_token": "<end_of_image>",
+    "image_token": "<image_soft_token>",
+}
+_GEMMA3_MM_SPECIALS = [
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    *_GEMMA3_MM_NAMES.values(),
+    # vLLM merges the newlines around an image as Gemma's vocabulary does: runs of
+    # one to four newlines are single tokens there.
+    "\n",
+    "\n\n",
+    "\n\n\n",
+    "\n\n\n\n",
+]
+
+
 def write_gemma3_mm(out: Path, preset: SizePreset, dtype: str) -> Shapes:
     """Gemma 3 with its SigLIP tower (``Gemma3ForConditionalGeneration``): the text model
     of ``gemma3``; each image becomes 16 soft tokens between <start_of_image> and
@@ -125,33 +146,15 @@ def write_gemma3_mm(out: Path, preset: SizePreset, dtype: str) -> Shapes:
         SiglipVisionConfig,
     )
 
-    names = {
-        "boi_token": "<start_of_image>",
-        "eoi_token": "<end_of_image>",
-        "image_token": "<image_soft_token>",
-    }
     tokenizer = build_tokenizer(
-        # vLLM merges the newlines around an image as Gemma's vocabulary does: runs of
-        # one to four newlines are single tokens there.
-        special_tokens=[
-            "<pad>",
-            "<eos>",
-            "<bos>",
-            "<start_of_turn>",
-            "<end_of_turn>",
-            *names.values(),
-            "\n",
-            "\n\n",
-            "\n\n\n",
-            "\n\n\n\n",
-        ],
+        special_tokens=_GEMMA3_MM_SPECIALS,
         eos_token="<eos>",
         pad_token="<pad>",
         bos_token="<bos>",
         chat_template=_GEMMA3_MM_TEMPLATE,
-        named_tokens=names,
+        named_tokens=_GEMMA3_MM_NAMES,
     )
-    ids = {name: token_id(tokenizer, tok) for name, tok in names.items()}
+    ids = {name: token_id(tokenizer, tok) for name, tok in _GEMMA3_MM_NAMES.items()}
     layers = _alternating(preset.num_layers, "sliding_attention", "full_attention")
     text = Gemma3TextConfig(
         **_common_text(tokenizer, preset, dtype),

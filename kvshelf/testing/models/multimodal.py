@@ -98,6 +98,18 @@ _IDEFICS3_CHAT_TEMPLATE = (
 )
 
 
+_IDEFICS3_SPECIALS = [
+    "<unk>",
+    "<|begin_of_text|>",
+    "<end_of_utterance>",
+    "<pad>",
+    "<fake_token_around_image>",
+    "<image>",
+    "<global-img>",
+    *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)),  # tile positions
+]
+
+
 def write_idefics3(out: Path, preset: SizePreset, dtype: str) -> Shapes:
     from transformers import (
         Idefics3Config,
@@ -110,19 +122,8 @@ def write_idefics3(out: Path, preset: SizePreset, dtype: str) -> Shapes:
         Idefics3ImageProcessorPil,
     )
 
-    # The PIL image processor: the default one needs torchvision, which is not installed.
-    tile_tokens = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
     tokenizer = build_tokenizer(
-        special_tokens=[
-            "<unk>",
-            "<|begin_of_text|>",
-            "<end_of_utterance>",
-            "<pad>",
-            "<fake_token_around_image>",
-            "<image>",
-            "<global-img>",
-            *tile_tokens,
-        ],
+        special_tokens=_IDEFICS3_SPECIALS,
         eos_token="<end_of_utterance>",
         pad_token="<pad>",
         bos_token="<|begin_of_text|>",
@@ -130,6 +131,7 @@ def write_idefics3(out: Path, preset: SizePreset, dtype: str) -> Shapes:
         chat_template=_IDEFICS3_CHAT_TEMPLATE,
     )
     image_seq_len = (_IDEFICS3_TILE_PX // _IDEFICS3_PATCH_PX) ** 2 // _IDEFICS3_SCALE**2
+    # The PIL image processor: the default one needs torchvision, which is not installed.
     image_processor = Idefics3ImageProcessorPil(
         size={"longest_edge": 2 * _IDEFICS3_TILE_PX},
         max_image_size={"longest_edge": _IDEFICS3_TILE_PX},
