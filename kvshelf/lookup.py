@@ -82,13 +82,13 @@ class WorkerLookup:
             return PENDING
 
     def _fetch(self, req_id: str, plan: ChunkPlan, seconds_per_token: float | None) -> int:
-        tokens = self.engine.fetch_plan(plan, req_id, self.needs_state, seconds_per_token)
+        hold = self.engine.fetch_plan(plan, req_id, self.needs_state, seconds_per_token)
         with self._lock:
             job = self._jobs.get(req_id)
             orphan = job is None or job.released
         if orphan:  # released while we were reading: drop the pins at once
-            self.engine.release(req_id)
-        return tokens
+            hold.release()
+        return hold.num_tokens
 
     def release(self, req_id: str) -> None:
         """Forget a request's lookup and unpin what it held."""

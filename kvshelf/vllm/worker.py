@@ -23,7 +23,7 @@ import torch
 
 from kvshelf.codec import FORMAT_VERSION, Entry
 from kvshelf.config import KVShelfConfig
-from kvshelf.engine import CacheEngine
+from kvshelf.engine import CacheEngine, Hold
 from kvshelf.keys import Chunk, Namespace
 from kvshelf.lookup import LookupServer, WorkerLookup, socket_path
 from kvshelf.vllm.fp8 import STORAGE_NAME, Fp8Copier, Fp8Mover, scale_group
@@ -223,29 +223,27 @@ class WorkerSide:
         self._loaded.extend(spec.req_id for spec in meta.loads)
         self._load_bytes += sum(len(item.block_ids) for item in items) * self.copier.block_bytes
 
-    def _held(self, spec: LoadSpec, chunks: list[Chunk]) -> dict[bytes, object]:
-        """The entries held for ``spec``'s request, reading ``chunks`` now if missing."""
-        held = {chunk.key: entry for chunk, entry in self.engine.held(spec.req_id)}
-        missing = [c for c in chunks if c.key not in held]
+    def _hold(self, spec: LoadSpec, chunks: list[Chunk]) -> Hold:
+        """What is held for ``spec``'s request, reading those of ``chunks`` it lacks now."""
+        hold = self.engine.hold(spec.req_id) or Hold(spec.req_id)
+        missing = [c for c in chunks if hold.get(c) is None]
         if missing:  # prefetch off, or the hold expired: read now
-            self.engine.fetch(missing, spec.req_id)
-            held = {chunk.key: entry for chunk, entry in self.engine.held(spec.req_id)}
-        return held
+            hold = self.engine.fetch(missing, spec.req_id)
+        return hold
 
     def _load_items(self, spec: LoadSpec) -> list[LoadItem]:
-        held = self._held(spec, spec.chunks)
-        origins = self.engine.origins(spec.req_id)
+        hold = self._hold(spec, spec.chunks)
         items = []
         for chunk in spec.chunks:
             first, last = self._block_span(chunk, spec)
-            entry = held.get(chunk.key)
-            if entry is None:
+            held = hold.get(chunk)
+            if held is None:
                 self._fail(spec, first)
                 break
-            payload = self.copier.payload_view(_buffer(entry), chunk.num_tokens)
+            payload = self.copier.payload_view(_buffer(held.entry), chunk.num_tokens)
             first_in_chunk = first - chunk.start // self.block_size
             items.append(LoadItem(payload, first_in_chunk, spec.block_ids[0][first:last]))
-            self._count_loaded(chunk, spec, origins)
+            self._count_loaded(chunk, spec, held.tier)
         return items
 
     def _block_span(self, chunk: Chunk, spec: LoadSpec) -> tuple[int, int]:
@@ -253,10 +251,10 @@ class WorkerSide:
         first = max(chunk.start, spec.start) // self.block_size
         return first, math.ceil(min(chunk.end, spec.end) / self.block_size)
 
-    def _count_loaded(self, chunk: Chunk, spec: LoadSpec, origins: dict[bytes, str]) -> None:
+    def _count_loaded(self, chunk: Chunk, spec: LoadSpec, tier: str) -> None:
         """Tokens of ``chunk`` that ``spec`` loads, by the tier they were read from."""
         loaded = min(chunk.end, spec.end) - max(chunk.start, spec.start)
-        self._loaded_tokens[origins.get(chunk.key, "")] += loaded
+        self._loaded_tokens[tier] += loaded
 
     def _load_hybrid(self, meta: KVShelfMetadata) -> None:
         """Every group's blocks, and the recurrent state where the hit ends. These loads
@@ -269,9 +267,10 @@ class WorkerSide:
         token_groups = [g.index for g in self.groups.token_groups]
         for spec in meta.loads:
             wanted = spec.chunks + ([spec.state] if spec.state is not None else [])
-            held = self._held(spec, wanted)
-            origins = self.engine.origins(spec.req_id)
-            if any(c.key not in held for c in wanted) or None in spec.state_slots:
+            hold = self._hold(spec, wanted)
+            found = [held for c in wanted if (held := hold.get(c)) is not None]
+            slots = [slot for slot in spec.state_slots if slot is not None]
+            if len(found) < len(wanted) or len(slots) < len(spec.state_slots):
                 self._failed_blocks += math.ceil((spec.end - spec.start) / self.block_size)
                 self._failed_loads.add(spec.req_id)
                 logger.warning(
@@ -279,14 +278,14 @@ class WorkerSide:
                 )
                 continue
             self._finished_loads.add(spec.req_id)
-            for chunk in spec.chunks:
+            for chunk, held in zip(spec.chunks, found):
                 first, last = self._block_span(chunk, spec)
                 ids = [spec.block_ids[g][first:last] for g in token_groups]
                 offset = first - chunk.start // self.block_size
-                chunks.append(ChunkCopy(_buffer(held[chunk.key]), chunk.num_tokens, offset, ids))
-                self._count_loaded(chunk, spec, origins)
+                chunks.append(ChunkCopy(_buffer(held.entry), chunk.num_tokens, offset, ids))
+                self._count_loaded(chunk, spec, held.tier)
             if spec.state is not None:
-                states.append(StateCopy(_buffer(held[spec.state.key]), spec.state_slots))
+                states.append(StateCopy(_buffer(found[-1].entry), slots))
         try:
             self.mover.load((chunks, states))
         except RuntimeError:
@@ -511,9 +510,9 @@ _TIER_GAUGES = {
 }
 
 
-def _buffer(entry: Entry):
+def _buffer(entry: Entry) -> torch.Tensor | memoryview:
     """The pinned tensor behind an entry when there is one, else its memoryview."""
-    handle = getattr(entry.owner, "handle", None)
+    handle = entry.owner.handle if entry.owner is not None else None
     return handle if isinstance(handle, torch.Tensor) else entry.payload
 
 
