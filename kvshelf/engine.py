@@ -34,9 +34,8 @@ from kvshelf.keys import (
 )
 from kvshelf.pacing import ChunkCost, paying_prefix
 from kvshelf.storage.base import HeapMemory, HostMemory, Store, StoreStats
-from kvshelf.storage.disk import DiskStore
-from kvshelf.storage.memory import MemoryStore
-from kvshelf.storage.tiered import SaveQueueStats, TieredStore
+from kvshelf.storage.build import open_tiers
+from kvshelf.storage.tiered import SaveQueueStats
 
 logger = logging.getLogger(__name__)
 
@@ -107,9 +106,8 @@ class Hold:
 
 
 class CacheEngine:
-    """Thread-safe. ``remote`` is an optional third tier (e.g. Redis). Without
-    ``write_lower`` saves stay in memory: another process writes the same entries to
-    disk and Redis."""
+    """Thread-safe. Its tiers come from :func:`~kvshelf.storage.build.open_tiers`:
+    ``host``, ``remote`` and ``write_lower`` are passed there."""
 
     def __init__(
         self,
@@ -126,21 +124,7 @@ class CacheEngine:
         self.namespace = namespace
         self.namespace_id = namespace.id()
         self.payload_spec = payload_spec
-        memory = MemoryStore(config.cpu_bytes, host) if config.cpu_bytes > 0 else None
-        lower: list[Store] = []
-        if config.disk_path is not None:
-            disk = DiskStore(config.disk_path, config.disk_bytes, config.disk_fsync, memory)
-            disk.describe_namespace(self.namespace_id, namespace.to_json())
-            lower.append(disk)
-        if remote is None and config.remote_url:
-            from kvshelf.storage.redis_connect import open_remote  # redis-py only when asked for
-
-            remote = open_remote(config, memory)
-        if remote is not None:
-            lower.append(remote)
-        self.store = TieredStore(
-            memory, lower, config.save_queue_limit(), config.save_threads, write_lower
-        )
+        self.store = open_tiers(config, namespace, host, remote, write_lower)
         self.counters = EngineStats()
         self._pace_file = (
             config.disk_path / self.namespace_id.hex() / PACE_FILE if config.disk_path else None
