@@ -49,7 +49,9 @@ from kvshelf.encoder_cache import (
 from kvshelf.engine import CacheEngine
 from kvshelf.keys import UncacheableRequest
 from kvshelf.lookup import LookupClient, LookupServer, socket_path
+from kvshelf.vllm import metric_names as m
 from kvshelf.vllm.logs import configure_logging
+from kvshelf.vllm.metric_names import series
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -62,13 +64,13 @@ logger = logging.getLogger("kvshelf.encoder")
 KV_CONNECTOR_NAME = "KVShelfConnector"
 # name -> help; one time series per modality.
 COUNTERS = {
-    "kvshelf_encoder_lookups_total": "Media items looked up in kvshelf's encoder cache.",
-    "kvshelf_encoder_hits_total": "Media items whose encoder output was loaded from kvshelf.",
-    "kvshelf_encoder_misses_total": "Media items looked up and not found (or unreadable).",
-    "kvshelf_encoder_corrupt_total": "Encoder entries found but corrupt or unverifiable: "
+    m.ENCODER_LOOKUPS: "Media items looked up in kvshelf's encoder cache.",
+    m.ENCODER_HITS: "Media items whose encoder output was loaded from kvshelf.",
+    m.ENCODER_MISSES: "Media items looked up and not found (or unreadable).",
+    m.ENCODER_CORRUPT: "Encoder entries found but corrupt or unverifiable: "
     "removed, and the encoder ran.",
-    "kvshelf_encoder_stored_total": "Encoder outputs stored.",
-    "kvshelf_encoder_uncacheable_total": "Media items not cached: no content hash, or an "
+    m.ENCODER_STORED: "Encoder outputs stored.",
+    m.ENCODER_UNCACHEABLE: "Media items not cached: no content hash, or an "
     "encoder output of another layout than expected.",
 }
 
@@ -245,7 +247,7 @@ class SchedulerSide:
 
     def take_counts(self) -> dict[str, int]:
         for (name, modality), n in self.book.counts.items():
-            self._counts[f"kvshelf_encoder_{name}_total|{modality}"] += n
+            self._counts[series(m.ENCODER_EVENTS[name], modality)] += n
         self.book.counts.clear()
         counts, self._counts = {k: v for k, v in self._counts.items() if v}, Counter()
         return counts
@@ -265,7 +267,7 @@ class SchedulerSide:
                     "(--mm-processor-cache-gb 0) and prefix caching both off, vLLM names media "
                     "per request instead of by content. Turn either on.",
                 )
-                self._counts[f"kvshelf_encoder_uncacheable_total|{feature.modality}"] += 1
+                self._counts[series(m.ENCODER_UNCACHEABLE, feature.modality)] += 1
                 continue
             width = self.widths.get(feature.modality, self.default_width)
             try:
@@ -279,7 +281,7 @@ class SchedulerSide:
                 )
             except UncacheableRequest as exc:
                 self._warn_once(feature.modality, "%s items not cached: %s", feature.modality, exc)
-                self._counts[f"kvshelf_encoder_uncacheable_total|{feature.modality}"] += 1
+                self._counts[series(m.ENCODER_UNCACHEABLE, feature.modality)] += 1
         return items
 
     def _warn_once(self, reason: str, message: str, *args: object) -> None:
@@ -374,7 +376,7 @@ class WorkerSide:
         self.engine.close()
 
     def _count(self, name: str, modality: str) -> None:
-        self._counts[f"kvshelf_encoder_{name}_total|{modality}"] += 1
+        self._counts[series(m.ENCODER_EVENTS[name], modality)] += 1
 
     def _warn_once(self, reason: str, message: str, *args: object) -> None:
         if reason not in self._warned:
@@ -400,14 +402,13 @@ class KVShelfECStats(ECConnectorStats):
     def reduce(self) -> dict[str, int | float]:
         totals: Counter[str] = Counter()
         for key, value in self.data["counters"].items():
-            name = key.partition("|")[0].removeprefix("kvshelf_encoder_").removesuffix("_total")
-            totals[name] += value
-        looked = totals["lookups"]
+            totals[key.partition("|")[0]] += value
+        looked = totals[m.ENCODER_LOOKUPS]
         return {
             "encoder_lookups": looked,
-            "encoder_hit_rate": round(totals["hits"] / looked, 3) if looked else 0.0,
-            "encoder_stored": totals["stored"],
-            "encoder_corrupt": totals["corrupt"],
+            "encoder_hit_rate": round(totals[m.ENCODER_HITS] / looked, 3) if looked else 0.0,
+            "encoder_stored": totals[m.ENCODER_STORED],
+            "encoder_corrupt": totals[m.ENCODER_CORRUPT],
         }
 
     def is_empty(self) -> bool:

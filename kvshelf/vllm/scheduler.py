@@ -25,6 +25,7 @@ from kvshelf.keys import (
 )
 from kvshelf.lookup import PENDING, LookupClient, socket_path
 from kvshelf.pacing import PrefillClock
+from kvshelf.vllm import metric_names as m
 from kvshelf.vllm.groups import CacheGroups
 from kvshelf.vllm.metadata import BlockIds, KVShelfMetadata, LoadSpec, SaveSpec
 
@@ -83,9 +84,7 @@ class SchedulerSide:
         self._warned: set[str] = set()
         self._media_ids_are_hashes = _media_ids_are_hashes(vllm_config)
         self._clock = PrefillClock(min_tokens=config.chunk_size)
-        self._counts = dict.fromkeys(
-            ("kvshelf_lookups_total", "kvshelf_lookup_tokens_total", "kvshelf_hit_tokens_total"), 0
-        )
+        self._counts = dict.fromkeys((m.LOOKUPS, m.LOOKUP_TOKENS, m.HIT_TOKENS), 0)
 
     # -- vLLM hooks --------------------------------------------------------------
     def get_num_new_matched_tokens(
@@ -297,9 +296,9 @@ class SchedulerSide:
             return
         state.logged = True
         if state.plan is not None:
-            self._counts["kvshelf_lookups_total"] += 1
-            self._counts["kvshelf_lookup_tokens_total"] += request.num_tokens
-            self._counts["kvshelf_hit_tokens_total"] += state.hit_tokens
+            self._counts[m.LOOKUPS] += 1
+            self._counts[m.LOOKUP_TOKENS] += request.num_tokens
+            self._counts[m.HIT_TOKENS] += state.hit_tokens
         if not self.config.log_requests:
             return
         logger.info(

@@ -26,12 +26,13 @@ from kvshelf.config import KVShelfConfig
 from kvshelf.engine import CacheEngine, Hold
 from kvshelf.keys import Chunk, Namespace
 from kvshelf.lookup import LookupServer, WorkerLookup, socket_path
+from kvshelf.vllm import metric_names as m
 from kvshelf.vllm.fp8 import STORAGE_NAME, Fp8Copier, Fp8Mover, scale_group
 from kvshelf.vllm.groups import CacheGroups, GroupKind
 from kvshelf.vllm.hybrid import PAYLOAD_DTYPE, ChunkCopy, HybridCache, HybridMover, StateCopy
 from kvshelf.vllm.layout import BlockCopier, KVLayout, LayoutError, discover_layout
 from kvshelf.vllm.metadata import KVShelfMetadata, LoadSpec
-from kvshelf.vllm.metrics import series
+from kvshelf.vllm.metric_names import series
 from kvshelf.vllm.movers import Completer, LoadItem, SaveItem, StepCopies, make_mover
 
 if TYPE_CHECKING:
@@ -70,8 +71,8 @@ class WorkerSide:
         self._failed_blocks = 0
         self._load_bytes = 0
         self._seconds: dict[str, list[float]] = {
-            "kvshelf_load_seconds": [],
-            "kvshelf_save_seconds": [],
+            m.LOAD_SECONDS: [],
+            m.SAVE_SECONDS: [],
         }
         self._seconds_lock = threading.Lock()
         self._reported: dict[str, int | float] = {}
@@ -371,14 +372,14 @@ class WorkerSide:
                 self.engine.discard(entry)
             return
         self.engine.save(entries)
-        self._observe("kvshelf_save_seconds", time.perf_counter() - started)
+        self._observe(m.SAVE_SECONDS, time.perf_counter() - started)
 
     def _loads_done(self, req_ids: list[str], nbytes: int, done: StepCopies, ok: bool) -> None:
         self._release(req_ids)  # the host buffers had to outlive the copies
         if not ok:
             return
         seconds = done.wait_loaded()
-        self._observe("kvshelf_load_seconds", seconds)
+        self._observe(m.LOAD_SECONDS, seconds)
         if seconds > 0:
             logger.debug(
                 "loaded %d bytes in %.2f ms (%.2f GB/s)",
@@ -458,19 +459,19 @@ class WorkerSide:
             return None
         engine, tiers, queue = self.engine.stats()
         totals: dict[str, int | float] = {
-            "kvshelf_verification_failures_total": engine.verify_failures,
-            "kvshelf_saved_chunks_total": engine.saved_chunks,
-            "kvshelf_dropped_saves_total": queue.dropped_saves + engine.dropped_saves,
-            "kvshelf_unpaid_tokens_total": engine.unpaid_tokens,
-            "kvshelf_load_failures_total": self._failed_blocks,
+            m.VERIFICATION_FAILURES: engine.verify_failures,
+            m.SAVED_CHUNKS: engine.saved_chunks,
+            m.DROPPED_SAVES: queue.dropped_saves + engine.dropped_saves,
+            m.UNPAID_TOKENS: engine.unpaid_tokens,
+            m.LOAD_FAILURES: self._failed_blocks,
         }
         for tier, tokens in self._loaded_tokens.items():
-            totals[series("kvshelf_loaded_tokens_total", tier)] = tokens
+            totals[series(m.LOADED_TOKENS, tier)] = tokens
         gauges = {}
         for t in tiers:
-            for name, value in _TIER_COUNTERS.items():
+            for name, value in m.TIER_COUNTERS.items():
                 totals[series(name, t.tier)] = int(getattr(t, value))
-            for name, value in _TIER_GAUGES.items():
+            for name, value in m.TIER_GAUGES.items():
                 gauges[f"{series(name, t.tier)}@{self.rank}"] = int(getattr(t, value))
         counters = {k: v - self._reported.get(k, 0) for k, v in totals.items()}
         counters = {k: v for k, v in counters.items() if v}
@@ -492,22 +493,6 @@ class WorkerSide:
             self._lookup.close()
         if self.engine is not None:
             self.engine.close()
-
-
-_TIER_COUNTERS = {  # metric -> StoreStats field
-    "kvshelf_read_bytes_total": "bytes_read",
-    "kvshelf_written_bytes_total": "bytes_written",
-    "kvshelf_evictions_total": "evictions",
-    "kvshelf_corrupt_entries_total": "corrupt",
-    "kvshelf_write_failures_total": "write_failures",
-    "kvshelf_errors_total": "errors",
-    "kvshelf_timeouts_total": "timeouts",
-}
-_TIER_GAUGES = {
-    "kvshelf_used_bytes": "used_bytes",
-    "kvshelf_capacity_bytes": "capacity_bytes",
-    "kvshelf_entries": "entries",
-}
 
 
 def _buffer(entry: Entry) -> torch.Tensor | memoryview:
