@@ -175,8 +175,11 @@ class CacheEngine:
         found = sum(1 for c in located if c.num_tokens == plan.chunk_size)
         ends = {c.end for c in plan.full[:found]}
         ends |= {c.end for c in plan.cuts if c.start // plan.chunk_size <= found}
-        lasts = [plan.chunk_ending_at(end) for end in sorted(ends, reverse=True)]
-        lasts = [c for c in lasts if c.end < plan.num_tokens]
+        lasts = [
+            last
+            for end in sorted(ends, reverse=True)
+            if (last := plan.chunk_ending_at(end)) is not None and last.end < plan.num_tokens
+        ]
         # One existence query: every candidate's state, and the cuts not located yet.
         asked = [state_chunk(c) for c in lasts]
         asked += [c for c in lasts if c.num_tokens != plan.chunk_size and c not in located]

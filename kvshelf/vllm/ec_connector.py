@@ -54,7 +54,7 @@ from kvshelf.vllm.logs import configure_logging
 from kvshelf.vllm.metric_names import series
 
 if TYPE_CHECKING:
-    from vllm.config import VllmConfig
+    from vllm.config import ECTransferConfig, VllmConfig
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.outputs import ECConnectorOutput
     from vllm.v1.request import Request
@@ -81,7 +81,7 @@ def encoder_config(vllm_config: VllmConfig) -> KVShelfConfig:
     kv = vllm_config.kv_transfer_config
     if kv is not None and kv.kv_connector == KV_CONNECTOR_NAME:
         merged.update(kv.kv_connector_extra_config or {})
-    merged.update(vllm_config.ec_transfer_config.ec_connector_extra_config or {})
+    merged.update(_ec_transfer(vllm_config).ec_connector_extra_config or {})
     config = load_config(merged)
     return config.model_copy(update={"chunk_size": ENCODER_CHUNK_SIZE})
 
@@ -196,7 +196,7 @@ class SchedulerSide:
         self.config = config
         model = vllm_config.model_config
         self.dtype = codec_dtype(model.dtype)
-        self.widths = dict(vllm_config.ec_transfer_config.mm_encoder_output_widths)
+        self.widths = dict(_ec_transfer(vllm_config).mm_encoder_output_widths)
         self.default_width = model.get_inputs_embeds_size()
         self.cacheable = not model.is_encoder_decoder and _media_ids_are_hashes(vllm_config)
         tp = vllm_config.parallel_config.tensor_parallel_size
@@ -435,12 +435,18 @@ class KVShelfECPromMetrics(ECConnectorPromMetrics):
 def encoder_socket(vllm_config: VllmConfig, rank: int) -> str:
     """Where a worker answers encoder lookups, apart from the KV connector's socket. vLLM
     gives every data-parallel engine the same EC engine id: the DP rank tells them apart."""
-    engine_id = vllm_config.ec_transfer_config.engine_id
+    engine_id = _ec_transfer(vllm_config).engine_id
     dp_rank = vllm_config.parallel_config.data_parallel_rank
     return socket_path(f"ec-{engine_id}-dp{dp_rank}", rank)
 
 
-def codec_dtype(dtype: torch.dtype) -> str:
+def _ec_transfer(vllm_config: VllmConfig) -> ECTransferConfig:
+    transfer = vllm_config.ec_transfer_config
+    assert transfer is not None, "an EC connector runs only with an ec_transfer_config"
+    return transfer
+
+
+def codec_dtype(dtype: torch.dtype | str) -> str:
     return str(dtype).removeprefix("torch.")
 
 

@@ -10,8 +10,9 @@ labelled like vLLM's own (model name, engine) plus ``tier``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
+from prometheus_client import Counter, Gauge, Histogram
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
     KVConnectorPromMetrics,
     KVConnectorStats,
@@ -107,18 +108,20 @@ class KVShelfPromMetrics(KVConnectorPromMetrics):
     ):
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
         names = [*labelnames, "tier"]
+        # vLLM types its metric classes as one union; each is the prometheus class (or
+        # vLLM's Ray wrapper of it) its name says.
+        counter_cls = cast("type[Counter]", self._counter_cls)
+        gauge_cls = cast("type[Gauge]", self._gauge_cls)
+        histogram_cls = cast("type[Histogram]", self._histogram_cls)
         self._counters = {
-            n: self._counter_cls(name=n, documentation=h, labelnames=names)
-            for n, h in COUNTERS.items()
+            n: counter_cls(name=n, documentation=h, labelnames=names) for n, h in COUNTERS.items()
         }
         self._gauges = {
-            n: self._gauge_cls(
-                name=n, documentation=h, labelnames=names, multiprocess_mode="mostrecent"
-            )
+            n: gauge_cls(name=n, documentation=h, labelnames=names, multiprocess_mode="mostrecent")
             for n, h in GAUGES.items()
         }
         self._histograms = {
-            n: self._histogram_cls(name=n, documentation=h, labelnames=labelnames, buckets=BUCKETS)
+            n: histogram_cls(name=n, documentation=h, labelnames=labelnames, buckets=BUCKETS)
             for n, h in HISTOGRAMS.items()
         }
 

@@ -29,7 +29,7 @@ from kvshelf.vllm.hybrid import PAYLOAD_DTYPE, ChunkCopy, HybridCache, HybridMov
 from kvshelf.vllm.layout import BlockCopier
 from kvshelf.vllm.metadata import KVShelfMetadata, LoadSpec
 from kvshelf.vllm.metric_names import series
-from kvshelf.vllm.movers import Completer, CudaMover, LoadItem, SaveItem, StepCopies, SyncMover
+from kvshelf.vllm.movers import Completer, CudaMover, LoadItem, SaveItem, StepCopies, StepMover
 
 logger = logging.getLogger("kvshelf.worker")
 
@@ -39,7 +39,7 @@ class OneLayout:
     """Every layer in one layout: the copier and mover tuned for it."""
 
     copier: BlockCopier | Fp8Copier
-    mover: SyncMover | CudaMover
+    mover: StepMover | CudaMover  # StepMover: SyncMover or Fp8Mover
     layer_index: dict[str, int]  # layer name -> index of its distinct tensor
 
 

@@ -25,7 +25,7 @@ from kvshelf.vllm.groups import CacheGroups, GroupKind
 from kvshelf.vllm.hybrid import PAYLOAD_DTYPE, HybridCache, HybridMover
 from kvshelf.vllm.layout import BlockCopier, KVLayout, LayoutError, discover_layout
 from kvshelf.vllm.metadata import KVShelfMetadata
-from kvshelf.vllm.movers import make_mover
+from kvshelf.vllm.movers import CudaMover, StepMover, make_mover
 from kvshelf.vllm.transfers import CacheAccess, OneLayout, SeveralGroups, Transfers
 
 if TYPE_CHECKING:
@@ -98,6 +98,7 @@ class WorkerSide:
         backend = _backend_name(self.vllm_config, kv_caches)
         block_size = cache_config.block_size
         _allow_amx(kv_caches)
+        found: _CacheFacts | None
         if self.groups is None or self.groups.uniform:
             found = self._uniform_cache(kv_caches, num_blocks, block_size, backend)
         else:
@@ -149,12 +150,13 @@ class WorkerSide:
         """One layout for every layer: the copier and mover tuned for it."""
         layout, raws = discover_layout(kv_caches, num_blocks, block_size, backend)
         fp8 = self._fp8_copier(kv_caches, layout, raws)
+        copier: BlockCopier | Fp8Copier
+        mover: StepMover | CudaMover
         if fp8 is not None:
-            copier: BlockCopier | Fp8Copier = fp8
-            mover = Fp8Mover(fp8)
+            copier, mover = fp8, Fp8Mover(fp8)
         else:
-            copier = plain = BlockCopier(layout, raws)
-            mover = make_mover(plain)
+            plain = BlockCopier(layout, raws)
+            copier, mover = plain, make_mover(plain)
         access = OneLayout(copier, mover, _layer_indices(kv_caches, layout))
 
         def payload_spec(num_tokens: int) -> tuple[str, tuple[int, ...]]:
