@@ -131,11 +131,12 @@ def save_all(engine: CacheEngine, plan: ChunkPlan, kv: torch.Tensor) -> float:
 def load_all(engine: CacheEngine, plan: ChunkPlan, kv: torch.Tensor) -> float:
     """fetch_plan -> held -> copy each entry into the KV stand-in; then release."""
     start = time.perf_counter()
-    hit = engine.fetch_plan(plan, "bench")
-    for _, entry in engine.held("bench"):
-        kv.copy_(torch.frombuffer(entry.payload, dtype=torch.uint8))
+    hold = engine.fetch_plan(plan, "bench")
+    for held in hold.items:
+        kv.copy_(torch.frombuffer(held.entry.payload, dtype=torch.uint8))
     elapsed = time.perf_counter() - start
-    engine.release("bench")
+    hold.release()
+    hit = hold.num_tokens
     if hit != plan.num_tokens:
         raise RuntimeError(f"expected a full hit of {plan.num_tokens} tokens, got {hit}")
     return elapsed

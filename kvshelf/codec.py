@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import xxhash
 
@@ -70,6 +71,18 @@ assert _FIXED.size == 180 and _FIXED.size + _SUM.size <= HEADER_BYTES
 _PADDING = bytes(HEADER_BYTES - _FIXED.size - _SUM.size)
 
 
+class PayloadOwner(Protocol):
+    """The allocator buffer behind an entry's payload (a
+    :class:`~kvshelf.storage.base.HostBlock`): the memory tier frees it on eviction, and a
+    GPU copy reads its ``handle`` when that is a pinned tensor rather than the view."""
+
+    @property
+    def view(self) -> memoryview: ...
+
+    @property
+    def handle(self) -> object: ...  # the allocator's own bookkeeping, if any
+
+
 class CorruptEntry(ValueError):
     """Bytes that do not form a valid entry: wrong magic, version, checksum or size."""
 
@@ -88,7 +101,7 @@ class Entry:
     dtype: str
     shape: tuple[int, ...]
     payload: memoryview
-    owner: object = None
+    owner: PayloadOwner | None = None
     _digest: bytes | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -195,7 +208,7 @@ def check_payload(header: Header, payload: memoryview) -> None:
         raise CorruptEntry("payload checksum mismatch")
 
 
-def entry_from(header: Header, payload: memoryview, owner: object = None) -> Entry:
+def entry_from(header: Header, payload: memoryview, owner: PayloadOwner | None = None) -> Entry:
     """An :class:`Entry` for a payload already checked against its header."""
     return Entry(
         header.key,

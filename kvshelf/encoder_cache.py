@@ -198,14 +198,17 @@ class EncoderLookup:
     def take(self, owner: str) -> Entry | None:
         """The entry held for ``owner``, read again if the hold is gone; ``None`` if it
         cannot be had. The hold stays until :meth:`release`."""
-        held = self.engine.held(owner)
-        if held:
-            return held[0][1]
+        hold = self.engine.hold(owner)
+        if hold is not None and hold.items:
+            return hold.items[0].entry
         try:
             item = EncoderItem.from_owner(owner)
         except ValueError:
             return None
-        return self.engine.held(owner)[0][1] if self._fetch(owner, item) > 0 else None
+        if self._fetch(owner, item) <= 0:
+            return None
+        hold = self.engine.hold(owner)
+        return hold.items[0].entry if hold is not None and hold.items else None
 
     def release(self, owner: str) -> None:
         """Forget ``owner``'s lookup and unpin what it held."""
@@ -232,10 +235,11 @@ class EncoderLookup:
         if not self.engine.locate(plan):
             self.engine.release(owner)
             return 0
-        if not self.engine.fetch_plan(plan, owner):  # checksum, check digest, embeddings
-            self.engine.release(owner)
+        hold = self.engine.fetch_plan(plan, owner)
+        if not hold.num_tokens:  # checksum, check digest, embeddings
+            hold.release()
             return UNREADABLE
-        entry = self.engine.held(owner)[0][1]
+        entry = hold.items[0].entry
         if not _layout_matches(entry, item):
             logger.warning(
                 "encoder entry %s holds %s%s, expected %s%s; removed",
@@ -245,7 +249,7 @@ class EncoderLookup:
                 item.dtype,
                 list(item.shape),
             )
-            self.engine.release(owner)
+            hold.release()
             self.engine.store.delete([entry.key])
             return UNREADABLE
         return item.num_embeds

@@ -2,8 +2,8 @@
 
 The engine answers three questions for a prompt's :class:`~kvshelf.keys.ChunkPlan`:
 which longest prefix exists (:meth:`locate`), which longest prefix can really be read
-and verified (:meth:`fetch_plan`, which also pins it in memory for a later copy), and
-where to put new KV (:meth:`new_entry` + :meth:`save`).
+and verified (:meth:`fetch_plan`, which pins it in memory for a later copy and returns
+it as a :class:`Hold`), and where to put new KV (:meth:`new_entry` + :meth:`save`).
 """
 
 from __future__ import annotations
@@ -15,13 +15,15 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 from kvshelf.codec import Entry, payload_bytes
 from kvshelf.config import KVShelfConfig
 from kvshelf.keys import (
     Chunk,
+    ChunkKey,
     ChunkPlan,
     MediaSpan,
     Namespace,
@@ -32,9 +34,8 @@ from kvshelf.keys import (
 )
 from kvshelf.pacing import ChunkCost, paying_prefix
 from kvshelf.storage.base import HeapMemory, HostMemory, Store, StoreStats
-from kvshelf.storage.disk import DiskStore
-from kvshelf.storage.memory import MemoryStore
-from kvshelf.storage.tiered import Found, SaveQueueStats, TieredStore
+from kvshelf.storage.build import open_tiers
+from kvshelf.storage.tiered import SaveQueueStats
 
 logger = logging.getLogger(__name__)
 
@@ -56,18 +57,57 @@ class EngineStats:
     unpaid_tokens: int = 0  # found in a tier, left to recompute: reading was slower
 
 
-@dataclass
-class _Hold:
-    entries: list[tuple[Chunk, Entry]]
-    pinned: list[StoreKey]
-    deadline: float
-    origins: dict[bytes, str] = field(default_factory=dict)  # chunk key -> tier read from
+@dataclass(frozen=True, slots=True)
+class Held:
+    """One chunk of a hold: its verified entry and the tier that entry was read from."""
+
+    chunk: Chunk
+    entry: Entry
+    tier: str  # a Store's name: "memory", "disk", "redis"
+
+
+@dataclass(frozen=True)
+class Hold:
+    """What the engine read, verified and pinned for one owner (a request id): safe to
+    copy out of until :meth:`release` or the engine's ``hold_timeout_s``.
+
+    Immutable: a later :meth:`CacheEngine.fetch` for the same owner puts a larger Hold
+    in this one's place; the engine keeps the current one (:meth:`CacheEngine.hold`).
+    """
+
+    owner: str
+    items: tuple[Held, ...] = ()  # in the order they were read
+    pinned: tuple[StoreKey, ...] = field(default=(), repr=False)  # in the memory tier
+    deadline: float = field(default=0.0, repr=False)  # monotonic; released after it
+    engine: CacheEngine | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def chunks(self) -> list[Chunk]:
+        return [held.chunk for held in self.items]
+
+    @property
+    def num_tokens(self) -> int:
+        """Where the held prefix ends; 0 when nothing is held."""
+        return max((held.chunk.end for held in self.items), default=0)
+
+    def get(self, chunk: Chunk) -> Held | None:
+        """``chunk``'s entry and tier, or ``None`` when this hold lacks it."""
+        return self._by_key.get(chunk.key)
+
+    def release(self) -> None:
+        """Unpin what the engine holds for this owner (this hold, or one that replaced
+        it); a no-op once released."""
+        if self.engine is not None:
+            self.engine.release(self.owner)
+
+    @cached_property
+    def _by_key(self) -> dict[ChunkKey, Held]:
+        return {held.chunk.key: held for held in self.items}
 
 
 class CacheEngine:
-    """Thread-safe. ``remote`` is an optional third tier (e.g. Redis). Without
-    ``write_lower`` saves stay in memory: another process writes the same entries to
-    disk and Redis."""
+    """Thread-safe. Its tiers come from :func:`~kvshelf.storage.build.open_tiers`:
+    ``host``, ``remote`` and ``write_lower`` are passed there."""
 
     def __init__(
         self,
@@ -84,21 +124,7 @@ class CacheEngine:
         self.namespace = namespace
         self.namespace_id = namespace.id()
         self.payload_spec = payload_spec
-        memory = MemoryStore(config.cpu_bytes, host) if config.cpu_bytes > 0 else None
-        lower: list[Store] = []
-        if config.disk_path is not None:
-            disk = DiskStore(config.disk_path, config.disk_bytes, config.disk_fsync, memory)
-            disk.describe_namespace(self.namespace_id, namespace.to_json())
-            lower.append(disk)
-        if remote is None and config.remote_url:
-            from kvshelf.storage.redis_connect import open_remote  # redis-py only when asked for
-
-            remote = open_remote(config, memory)
-        if remote is not None:
-            lower.append(remote)
-        self.store = TieredStore(
-            memory, lower, config.save_queue_limit(), config.save_threads, write_lower
-        )
+        self.store = open_tiers(config, namespace, host, remote, write_lower)
         self.counters = EngineStats()
         self._pace_file = (
             config.disk_path / self.namespace_id.hex() / PACE_FILE if config.disk_path else None
@@ -106,7 +132,7 @@ class CacheEngine:
         self.seconds_per_token = _read_pace(self._pace_file)  # this model's prefill
         self._unpaid_logged_at = -math.inf
         self._heap = HeapMemory()
-        self._holds: dict[str, _Hold] = {}
+        self._holds: dict[str, Hold] = {}  # owner -> what is pinned for it
         self._lock = threading.Lock()
 
     # -- keys --------------------------------------------------------------------
@@ -149,8 +175,11 @@ class CacheEngine:
         found = sum(1 for c in located if c.num_tokens == plan.chunk_size)
         ends = {c.end for c in plan.full[:found]}
         ends |= {c.end for c in plan.cuts if c.start // plan.chunk_size <= found}
-        lasts = [plan.chunk_ending_at(end) for end in sorted(ends, reverse=True)]
-        lasts = [c for c in lasts if c.end < plan.num_tokens]
+        lasts = [
+            last
+            for end in sorted(ends, reverse=True)
+            if (last := plan.chunk_ending_at(end)) is not None and last.end < plan.num_tokens
+        ]
         # One existence query: every candidate's state, and the cuts not located yet.
         asked = [state_chunk(c) for c in lasts]
         asked += [c for c in lasts if c.num_tokens != plan.chunk_size and c not in located]
@@ -162,24 +191,32 @@ class CacheEngine:
                 return [*plan.chunks_up_to(last.end), state]
         return []
 
-    def fetch(self, chunks: Sequence[Chunk], owner: str) -> list[Chunk]:
+    def fetch(self, chunks: Sequence[Chunk], owner: str) -> Hold:
         """Read and verify ``chunks`` in order, stopping at the first that fails, and
-        pin what was read under ``owner`` (adding to an existing hold). Returns the
-        verified prefix."""
+        add what was read to ``owner``'s hold (pinned). Returns that hold."""
+        self._read(chunks, owner)
+        return self.hold(owner) or Hold(owner)
+
+    def _read(self, chunks: Sequence[Chunk], owner: str) -> list[Chunk]:
+        """:meth:`fetch`; returns the verified prefix of ``chunks``."""
         found = self.store.find([self.key(c) for c in chunks], pin=True)
-        good: list[tuple[Chunk, Found]] = []
+        good: list[Held] = []
         for chunk, read in zip(chunks, found):
             if read is None or not self._verified(read.entry, chunk):
                 break
-            good.append((chunk, read))
+            good.append(Held(chunk, read.entry, read.tier))
         self._unpin_resident([f.entry for f in found[len(good) :] if f is not None])
+        pinned = tuple(self.key(h.chunk) for h in good if self._resident(h.entry))
+        deadline = time.monotonic() + self.config.hold_timeout_s
         with self._lock:
-            hold = self._holds.setdefault(owner, _Hold([], [], 0.0))
-            hold.entries.extend((c, read.entry) for c, read in good)
-            hold.pinned.extend(self.key(c) for c, read in good if self._resident(read.entry))
-            hold.origins.update((c.key, read.tier) for c, read in good)
-            hold.deadline = time.monotonic() + self.config.hold_timeout_s
-        return [c for c, _ in good]
+            hold = self._holds.get(owner) or Hold(owner, engine=self)
+            self._holds[owner] = replace(
+                hold,
+                items=hold.items + tuple(good),
+                pinned=hold.pinned + pinned,
+                deadline=deadline,
+            )
+        return [h.chunk for h in good]
 
     def fetch_plan(
         self,
@@ -187,9 +224,10 @@ class CacheEngine:
         owner: str,
         needs_state: bool = False,
         seconds_per_token: float | None = None,
-    ) -> int:
+    ) -> Hold:
         """Hold (read, verify, pin) the longest loadable prefix of ``plan`` under
-        ``owner``, replacing any earlier hold; returns its length in tokens. With
+        ``owner``, replacing any earlier hold, and return it (its ``num_tokens`` is the
+        hit; an empty hold is a miss). With
         ``needs_state`` see :meth:`locate_hit`: a prefix that fails to read is no hit.
         With a prefill speed (``seconds_per_token``, else the last one known) only the
         prefix that loads faster than it recomputes is read (:mod:`kvshelf.pacing`)."""
@@ -199,18 +237,15 @@ class CacheEngine:
             self.seconds_per_token = seconds_per_token
         wanted = self.locate_hit(plan, needs_state)
         got, paced = self._fetch_paced(wanted, owner, needs_state)
-        if needs_state:
-            if len(got) < len(wanted):
-                self.release(owner)
-                return 0
-            return got[-1].end if got else 0
+        if needs_state and len(got) < len(wanted):
+            self.release(owner)
+            return Hold(owner)
         if len(got) < len(wanted) and not paced:
             # A full chunk or the longest cut failed: a shorter cut may still be readable.
             for cut in plan.cuts_from(len(got)):
-                if self.fetch([cut], owner):
-                    got.append(cut)
+                if self._read([cut], owner):
                     break
-        return got[-1].end if got else 0
+        return self.hold(owner) or Hold(owner)
 
     def _fetch_paced(
         self, chunks: Sequence[Chunk], owner: str, whole: bool
@@ -221,7 +256,7 @@ class CacheEngine:
         recomputes)."""
         spt = self.seconds_per_token
         if spt is None or not self.store.lower or self.payload_spec is None:
-            return self.fetch(chunks, owner), False
+            return self._read(chunks, owner), False
         got: list[Chunk] = []
         todo = list(chunks)
         while todo:
@@ -229,7 +264,7 @@ class CacheEngine:
             if count == 0:
                 self._note_unpaid(todo, spt)
                 return got, True
-            read = self.fetch(todo[:count], owner)
+            read = self._read(todo[:count], owner)
             got += read
             if len(read) < count:
                 break
@@ -267,19 +302,13 @@ class CacheEngine:
             tokens * spt,
         )
 
-    def held(self, owner: str) -> list[tuple[Chunk, Entry]]:
-        """The chunks and entries held for ``owner`` (pinned until :meth:`release`)."""
+    def hold(self, owner: str) -> Hold | None:
+        """What is held for ``owner`` now (pinned until :meth:`release`); ``None``: nothing."""
         with self._lock:
-            hold = self._holds.get(owner)
-            return list(hold.entries) if hold else []
-
-    def origins(self, owner: str) -> dict[bytes, str]:
-        """Chunk key -> the tier each chunk held for ``owner`` was read from."""
-        with self._lock:
-            hold = self._holds.get(owner)
-            return dict(hold.origins) if hold else {}
+            return self._holds.get(owner)
 
     def release(self, owner: str) -> None:
+        """Unpin and forget ``owner``'s hold, if it has one."""
         with self._lock:
             hold = self._holds.pop(owner, None)
         if hold is not None and self.store.memory is not None:
@@ -309,8 +338,9 @@ class CacheEngine:
     def discard(self, entry: Entry) -> None:
         """Give back an entry from :meth:`new_entry` that will not be saved."""
         memory = self.store.memory
-        if memory is not None and memory.owns(entry):
-            memory.discard(entry.owner)
+        block = memory.block_of(entry) if memory is not None else None
+        if memory is not None and block is not None:
+            memory.discard(block)
 
     def missing(self, chunks: Sequence[Chunk]) -> list[Chunk]:
         """The chunks no tier holds yet (what is worth saving)."""

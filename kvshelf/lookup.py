@@ -22,6 +22,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from typing import Protocol
 
 import msgpack
 
@@ -33,13 +34,22 @@ logger = logging.getLogger(__name__)
 PENDING = -1  # a lookup answer: still reading, ask again
 _FRAME = struct.Struct("<I")
 _MAX_FRAME = 64 * 2**20
-_LOCAL: dict[str, WorkerLookup] = {}  # address -> worker endpoint in this process
+_LOCAL: dict[str, Answerer] = {}  # address -> worker endpoint in this process
 _LOCAL_LOCK = threading.Lock()
 
 
 def socket_path(engine_id: str, rank: int) -> str:
     """Where rank ``rank`` of engine ``engine_id`` listens."""
     return os.path.join(tempfile.gettempdir(), f"kvshelf-{engine_id}-r{rank}.sock")
+
+
+class Answerer(Protocol):
+    """What a :class:`LookupServer` serves: :class:`WorkerLookup`, or the encoder
+    cache's lookup (:class:`kvshelf.encoder_cache.EncoderLookup`)."""
+
+    def lookup(
+        self, req_id: str, plan: ChunkPlan, wait_s: float, seconds_per_token: float | None = None
+    ) -> int: ...
 
 
 @dataclass
@@ -82,13 +92,13 @@ class WorkerLookup:
             return PENDING
 
     def _fetch(self, req_id: str, plan: ChunkPlan, seconds_per_token: float | None) -> int:
-        tokens = self.engine.fetch_plan(plan, req_id, self.needs_state, seconds_per_token)
+        hold = self.engine.fetch_plan(plan, req_id, self.needs_state, seconds_per_token)
         with self._lock:
             job = self._jobs.get(req_id)
             orphan = job is None or job.released
         if orphan:  # released while we were reading: drop the pins at once
-            self.engine.release(req_id)
-        return tokens
+            hold.release()
+        return hold.num_tokens
 
     def release(self, req_id: str) -> None:
         """Forget a request's lookup and unpin what it held."""
@@ -105,7 +115,7 @@ class WorkerLookup:
 class LookupServer:
     """Serves a :class:`WorkerLookup` on a Unix socket (and to this process directly)."""
 
-    def __init__(self, worker: WorkerLookup, address: str):
+    def __init__(self, worker: Answerer, address: str):
         self.worker = worker
         self.address = address
         with _LOCAL_LOCK:

@@ -89,15 +89,16 @@ def save(engine: CacheEngine, plan: ChunkPlan, chunks=None) -> None:
 def held_tokens(engine: CacheEngine, owner: str) -> int:
     """Check every held entry carries its chunk's bytes; the tokens they cover."""
     covered = 0
-    for chunk, entry in engine.held(owner):
-        assert chunk.start == covered
-        assert entry.payload.tobytes() == kv_bytes(chunk, entry.nbytes)
-        covered = chunk.end
+    hold = engine.hold(owner)
+    for held in hold.items if hold is not None else ():
+        assert held.chunk.start == covered
+        assert held.entry.payload.tobytes() == kv_bytes(held.chunk, held.entry.nbytes)
+        covered = held.chunk.end
     return covered
 
 
 def lookup(engine: CacheEngine, tokens, spans=(), owner="req", salt="") -> int:
-    hit = engine.fetch_plan(engine.plan(tokens, spans, salt), owner)
+    hit = engine.fetch_plan(engine.plan(tokens, spans, salt), owner).num_tokens
     assert held_tokens(engine, owner) == hit
     return hit
 
@@ -155,7 +156,8 @@ def test_a_restarted_engine_hits_from_disk(tmp_path):
     first.close()
     second = make_engine(tmp_path)
     assert lookup(second, tokens, spans) == 60
-    assert tiers(second)[1].stats().hits == len(second.held("req"))
+    assert tiers(second)[1].stats().hits == len(second.hold("req").items)
+    assert {held.tier for held in second.hold("req").items} == {"disk"}  # where it was read
     second.close()
 
 
@@ -169,7 +171,7 @@ def test_different_question_after_the_same_image_hits_through_the_image(engine):
     second, spans2 = prompt(system, (CAT, 24), text(3, 12))
     # chunk [48, 64) holds the other question; the cut chunk [48, 54) ends with the image
     assert lookup(engine, second, spans2) == 54
-    assert engine.held("req")[-1][0].num_tokens == 6
+    assert engine.hold("req").items[-1].chunk.num_tokens == 6
 
 
 def test_different_image_no_hit_past_the_item_start(engine):
@@ -309,11 +311,22 @@ def test_fetch_plan_pins_what_it_holds_until_release(tmp_path):
     assert memory.allocate(5 * CHUNK_BYTES) is None  # would need a held chunk
     assert lookup(engine, tokens, owner="a") == 64  # a new lookup replaces the hold
     engine.release("a")
-    assert engine.held("a") == []
+    assert engine.hold("a") is None
     block = memory.allocate(8 * CHUNK_BYTES)
     assert block is not None
     memory.discard(block)
     engine.close()
+
+
+def test_a_hold_releases_itself(engine):
+    tokens = text(1, 64)
+    save(engine, engine.plan(tokens))
+    hold = engine.fetch_plan(engine.plan(tokens), "a")
+    assert hold.num_tokens == 64 and engine.hold("a") is hold
+    assert {held.tier for held in hold.items} == {"memory"}
+    hold.release()
+    assert engine.hold("a") is None
+    assert engine.store.memory.allocate(64 * CHUNK_BYTES) is not None  # nothing pinned
 
 
 def test_holds_of_two_requests_are_independent(engine):
@@ -323,7 +336,7 @@ def test_holds_of_two_requests_are_independent(engine):
     lookup(engine, tokens, owner="a")
     lookup(engine, tokens, owner="b")
     engine.release("a")
-    assert len(engine.held("b")) == 4
+    assert len(engine.hold("b").items) == 4
     assert memory.allocate(64 * CHUNK_BYTES) is None  # b still pins its chunks
     engine.release("b")
     assert memory.allocate(64 * CHUNK_BYTES) is not None
@@ -332,8 +345,8 @@ def test_holds_of_two_requests_are_independent(engine):
 def test_fetch_adds_to_a_hold(engine):
     plan = engine.plan(text(1, 48))
     save(engine, plan)
-    assert engine.fetch(plan.full[:2], "w") == list(plan.full[:2])
-    assert engine.fetch(plan.full[2:], "w") == list(plan.full[2:])
+    assert engine.fetch(plan.full[:2], "w").chunks == list(plan.full[:2])
+    assert engine.fetch(plan.full[2:], "w").chunks == list(plan.full)
     assert held_tokens(engine, "w") == 48
 
 
@@ -344,7 +357,7 @@ def test_stale_holds_are_released(tmp_path):
     lookup(engine, tokens, owner="forgotten")
     time.sleep(0.1)
     lookup(engine, text(2, 16), owner="next")  # any lookup sweeps expired holds
-    assert engine.held("forgotten") == []
+    assert engine.hold("forgotten") is None
     assert engine.store.memory.allocate(64 * CHUNK_BYTES) is not None
     engine.close()
 
@@ -454,13 +467,14 @@ def test_a_new_prompt_asks_about_few_keys(engine):
 
 
 def state_lookup(engine: CacheEngine, plan: ChunkPlan, owner: str = "req") -> int:
-    hit = engine.fetch_plan(plan, owner, needs_state=True)
-    held = engine.held(owner)
+    hit = engine.fetch_plan(plan, owner, needs_state=True).num_tokens
+    hold = engine.hold(owner)
     if hit:  # the prefix's chunks, then the state where it ends
-        assert held[-1][0] == state_chunk(plan.chunks_up_to(hit)[-1])
-        assert held[-1][1].payload.tobytes() == kv_bytes(held[-1][0], 64)
+        last = hold.items[-1]
+        assert last.chunk == state_chunk(plan.chunks_up_to(hit)[-1])
+        assert last.entry.payload.tobytes() == kv_bytes(last.chunk, 64)
     else:
-        assert held == []
+        assert hold is None or not hold.items
     return hit
 
 

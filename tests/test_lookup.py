@@ -56,7 +56,7 @@ def test_a_hit_over_the_socket_is_the_engines_hit(served):
     fill(engine, plan)
     client = LookupClient(address, timeout_s=2)
     assert client.lookup("r1", plan, wait_s=1.0) == 70
-    assert len(engine.held("r1")) == 5  # 4 full chunks, then the cut at the prompt end
+    assert len(engine.hold("r1").items) == 5  # 4 full chunks, then the cut at the prompt end
     other = engine.plan(list(range(1, 71)))
     assert client.lookup("r2", other, wait_s=1.0) == 0
 

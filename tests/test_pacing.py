@@ -91,16 +91,18 @@ def two_tiers(tmp_path):
 def test_a_slow_tier_is_left_to_recompute_and_counted(two_tiers, caplog):
     caplog.set_level("INFO")
     engine, plan = two_tiers
-    assert engine.fetch_plan(plan, "probe", seconds_per_token=1.0) == 12 * CHUNK  # learn the rate
+    assert (
+        engine.fetch_plan(plan, "probe", seconds_per_token=1.0).num_tokens == 12 * CHUNK
+    )  # learn the rate
     engine.release("probe")
     engine.store.memory.delete([engine.key(c) for c in plan.full])
     rate = engine.store.read_rate("disk")
     slow = CHUNK_BYTES / rate / CHUNK / 10  # recomputing is 10x faster than reading
-    assert engine.fetch_plan(plan, "r1", seconds_per_token=slow) == 0
+    assert engine.fetch_plan(plan, "r1", seconds_per_token=slow).num_tokens == 0
     assert engine.stats()[0].unpaid_tokens == 12 * CHUNK
     assert "recomputing 192 cached tokens" in caplog.text
     fast = CHUNK_BYTES / rate / CHUNK * 10
-    assert engine.fetch_plan(plan, "r2", seconds_per_token=fast) == 12 * CHUNK
+    assert engine.fetch_plan(plan, "r2", seconds_per_token=fast).num_tokens == 12 * CHUNK
 
 
 def test_memory_chunks_load_and_the_slow_rest_is_recomputed(two_tiers):
@@ -111,7 +113,7 @@ def test_memory_chunks_load_and_the_slow_rest_is_recomputed(two_tiers):
     engine.store.memory.delete([engine.key(c) for c in plan.full[3:]])
     assert engine.store.memory.contains(keep) == [True] * 3
     slow = CHUNK_BYTES / engine.store.read_rate("disk") / CHUNK / 10
-    assert engine.fetch_plan(plan, "r", seconds_per_token=slow) == 3 * CHUNK
+    assert engine.fetch_plan(plan, "r", seconds_per_token=slow).num_tokens == 3 * CHUNK
 
 
 def test_the_prefill_speed_survives_a_restart(tmp_path):

@@ -16,7 +16,6 @@ from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import cast
 
 from kvshelf.codec import Entry
 from kvshelf.keys import StoreKey
@@ -71,7 +70,12 @@ class MemoryStore(Store):
             self._release(block)
 
     def owns(self, entry: Entry) -> bool:
-        return isinstance(entry.owner, HostBlock) and entry.owner.memory is self.host
+        return self.block_of(entry) is not None
+
+    def block_of(self, entry: Entry) -> HostBlock | None:
+        """The buffer behind ``entry`` when it is one of ours (else ``None``)."""
+        owner = entry.owner
+        return owner if isinstance(owner, HostBlock) and owner.memory is self.host else None
 
     # -- Store -------------------------------------------------------------------
     def contains(self, keys: Sequence[StoreKey]) -> list[bool]:
@@ -117,7 +121,7 @@ class MemoryStore(Store):
                 if self._pins[key]:
                     self._doomed.setdefault(key, []).append(entry)
                 else:
-                    self._release(entry.owner)
+                    self._release(self.block_of(entry))
         return removed
 
     def stats(self) -> StoreStats:
@@ -151,7 +155,7 @@ class MemoryStore(Store):
                 if self._pins[key] == 0:
                     del self._pins[key]
                     for doomed in self._doomed.pop(key, ()):
-                        self._release(doomed.owner)
+                        self._release(self.block_of(doomed))
 
     @contextmanager
     def pinned(self, keys: Sequence[StoreKey]) -> Iterator[list[Entry | None]]:
@@ -197,8 +201,9 @@ class MemoryStore(Store):
             resident = self._entries.get(entry.key)
             if resident is not None:
                 self._entries.move_to_end(entry.key)
-                if self.owns(entry) and entry.owner is not resident.owner:
-                    self._release(entry.owner)
+                block = self.block_of(entry)
+                if block is not None and block is not resident.owner:
+                    self._release(block)
                 self._counters.add(write_skips=1)
             elif self.owns(entry):
                 resident = self._entries[entry.key] = entry
@@ -239,7 +244,8 @@ class MemoryStore(Store):
             freed += self.host.charge(self._entries[key].nbytes)
         if self._used - freed + nbytes > self.capacity_bytes:
             return None
-        return [self._evict(key) for key in victims]
+        evicted = [self._evict(key) for key in victims]
+        return [block for block in evicted if block is not None]
 
     def _evict_one(self) -> bool:  # holds lock
         """Evict the next entry in eviction order; False if there is none."""
@@ -259,16 +265,15 @@ class MemoryStore(Store):
                 if not self._pins[key] and (key in self._dirty) is dirty
             )
 
-    def _evict(self, key: StoreKey) -> HostBlock:  # holds lock
+    def _evict(self, key: StoreKey) -> HostBlock | None:  # holds lock
         """Take one entry out; returns its buffer, still counted in ``_used``."""
         if key in self._dirty:
             self._dirty.discard(key)
             self._lost_writes += 1
         self._counters.add(evictions=1)
-        # Resident entries own one of our buffers: _adopt and _copy_in see to it.
-        return cast(HostBlock, self._entries.pop(key).owner)
+        return self.block_of(self._entries.pop(key))
 
-    def _release(self, block: object) -> None:  # holds lock
-        if isinstance(block, HostBlock) and block.memory is self.host:
+    def _release(self, block: HostBlock | None) -> None:  # holds lock
+        if block is not None and block.memory is self.host:
             self._used -= self.host.charge(block.view.nbytes)
             self.host.free(block)

@@ -53,7 +53,13 @@ class KVShelfConnector(KVConnectorBase_V1, SupportsHMA):
         role: KVConnectorRole,
         kv_cache_config: KVCacheConfig | None = None,
     ):
-        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        super().__init__(
+            vllm_config=vllm_config,
+            role=role,
+            # vLLM 0.32's base types it as required; kvshelf's hooks accept None as
+            # older vLLMs' signatures did, and the base stores it as given.
+            kv_cache_config=kv_cache_config,  # type: ignore[arg-type]
+        )
         config = load_config(self._kv_transfer_config.kv_connector_extra_config)
         configure_logging(config.log_level)
         groups = describe_groups(kv_cache_config)
@@ -145,6 +151,8 @@ class KVShelfConnector(KVConnectorBase_V1, SupportsHMA):
         if self._stats_broken:
             return None
         side = self._worker if self._worker is not None else self._scheduler
+        if side is None:
+            return None
         try:
             data = side.stats()
         except (TypeError, ValueError, KeyError, AttributeError):  # must not stop serving

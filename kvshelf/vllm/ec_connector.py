@@ -49,10 +49,12 @@ from kvshelf.encoder_cache import (
 from kvshelf.engine import CacheEngine
 from kvshelf.keys import UncacheableRequest
 from kvshelf.lookup import LookupClient, LookupServer, socket_path
+from kvshelf.vllm import metric_names as m
 from kvshelf.vllm.logs import configure_logging
+from kvshelf.vllm.metric_names import series
 
 if TYPE_CHECKING:
-    from vllm.config import VllmConfig
+    from vllm.config import ECTransferConfig, VllmConfig
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.outputs import ECConnectorOutput
     from vllm.v1.request import Request
@@ -62,13 +64,13 @@ logger = logging.getLogger("kvshelf.encoder")
 KV_CONNECTOR_NAME = "KVShelfConnector"
 # name -> help; one time series per modality.
 COUNTERS = {
-    "kvshelf_encoder_lookups_total": "Media items looked up in kvshelf's encoder cache.",
-    "kvshelf_encoder_hits_total": "Media items whose encoder output was loaded from kvshelf.",
-    "kvshelf_encoder_misses_total": "Media items looked up and not found (or unreadable).",
-    "kvshelf_encoder_corrupt_total": "Encoder entries found but corrupt or unverifiable: "
+    m.ENCODER_LOOKUPS: "Media items looked up in kvshelf's encoder cache.",
+    m.ENCODER_HITS: "Media items whose encoder output was loaded from kvshelf.",
+    m.ENCODER_MISSES: "Media items looked up and not found (or unreadable).",
+    m.ENCODER_CORRUPT: "Encoder entries found but corrupt or unverifiable: "
     "removed, and the encoder ran.",
-    "kvshelf_encoder_stored_total": "Encoder outputs stored.",
-    "kvshelf_encoder_uncacheable_total": "Media items not cached: no content hash, or an "
+    m.ENCODER_STORED: "Encoder outputs stored.",
+    m.ENCODER_UNCACHEABLE: "Media items not cached: no content hash, or an "
     "encoder output of another layout than expected.",
 }
 
@@ -79,7 +81,7 @@ def encoder_config(vllm_config: VllmConfig) -> KVShelfConfig:
     kv = vllm_config.kv_transfer_config
     if kv is not None and kv.kv_connector == KV_CONNECTOR_NAME:
         merged.update(kv.kv_connector_extra_config or {})
-    merged.update(vllm_config.ec_transfer_config.ec_connector_extra_config or {})
+    merged.update(_ec_transfer(vllm_config).ec_connector_extra_config or {})
     config = load_config(merged)
     return config.model_copy(update={"chunk_size": ENCODER_CHUNK_SIZE})
 
@@ -194,7 +196,7 @@ class SchedulerSide:
         self.config = config
         model = vllm_config.model_config
         self.dtype = codec_dtype(model.dtype)
-        self.widths = dict(vllm_config.ec_transfer_config.mm_encoder_output_widths)
+        self.widths = dict(_ec_transfer(vllm_config).mm_encoder_output_widths)
         self.default_width = model.get_inputs_embeds_size()
         self.cacheable = not model.is_encoder_decoder and _media_ids_are_hashes(vllm_config)
         tp = vllm_config.parallel_config.tensor_parallel_size
@@ -245,7 +247,7 @@ class SchedulerSide:
 
     def take_counts(self) -> dict[str, int]:
         for (name, modality), n in self.book.counts.items():
-            self._counts[f"kvshelf_encoder_{name}_total|{modality}"] += n
+            self._counts[series(m.ENCODER_EVENTS[name], modality)] += n
         self.book.counts.clear()
         counts, self._counts = {k: v for k, v in self._counts.items() if v}, Counter()
         return counts
@@ -265,7 +267,7 @@ class SchedulerSide:
                     "(--mm-processor-cache-gb 0) and prefix caching both off, vLLM names media "
                     "per request instead of by content. Turn either on.",
                 )
-                self._counts[f"kvshelf_encoder_uncacheable_total|{feature.modality}"] += 1
+                self._counts[series(m.ENCODER_UNCACHEABLE, feature.modality)] += 1
                 continue
             width = self.widths.get(feature.modality, self.default_width)
             try:
@@ -279,7 +281,7 @@ class SchedulerSide:
                 )
             except UncacheableRequest as exc:
                 self._warn_once(feature.modality, "%s items not cached: %s", feature.modality, exc)
-                self._counts[f"kvshelf_encoder_uncacheable_total|{feature.modality}"] += 1
+                self._counts[series(m.ENCODER_UNCACHEABLE, feature.modality)] += 1
         return items
 
     def _warn_once(self, reason: str, message: str, *args: object) -> None:
@@ -374,7 +376,7 @@ class WorkerSide:
         self.engine.close()
 
     def _count(self, name: str, modality: str) -> None:
-        self._counts[f"kvshelf_encoder_{name}_total|{modality}"] += 1
+        self._counts[series(m.ENCODER_EVENTS[name], modality)] += 1
 
     def _warn_once(self, reason: str, message: str, *args: object) -> None:
         if reason not in self._warned:
@@ -400,14 +402,13 @@ class KVShelfECStats(ECConnectorStats):
     def reduce(self) -> dict[str, int | float]:
         totals: Counter[str] = Counter()
         for key, value in self.data["counters"].items():
-            name = key.partition("|")[0].removeprefix("kvshelf_encoder_").removesuffix("_total")
-            totals[name] += value
-        looked = totals["lookups"]
+            totals[key.partition("|")[0]] += value
+        looked = totals[m.ENCODER_LOOKUPS]
         return {
             "encoder_lookups": looked,
-            "encoder_hit_rate": round(totals["hits"] / looked, 3) if looked else 0.0,
-            "encoder_stored": totals["stored"],
-            "encoder_corrupt": totals["corrupt"],
+            "encoder_hit_rate": round(totals[m.ENCODER_HITS] / looked, 3) if looked else 0.0,
+            "encoder_stored": totals[m.ENCODER_STORED],
+            "encoder_corrupt": totals[m.ENCODER_CORRUPT],
         }
 
     def is_empty(self) -> bool:
@@ -434,12 +435,18 @@ class KVShelfECPromMetrics(ECConnectorPromMetrics):
 def encoder_socket(vllm_config: VllmConfig, rank: int) -> str:
     """Where a worker answers encoder lookups, apart from the KV connector's socket. vLLM
     gives every data-parallel engine the same EC engine id: the DP rank tells them apart."""
-    engine_id = vllm_config.ec_transfer_config.engine_id
+    engine_id = _ec_transfer(vllm_config).engine_id
     dp_rank = vllm_config.parallel_config.data_parallel_rank
     return socket_path(f"ec-{engine_id}-dp{dp_rank}", rank)
 
 
-def codec_dtype(dtype: torch.dtype) -> str:
+def _ec_transfer(vllm_config: VllmConfig) -> ECTransferConfig:
+    transfer = vllm_config.ec_transfer_config
+    assert transfer is not None, "an EC connector runs only with an ec_transfer_config"
+    return transfer
+
+
+def codec_dtype(dtype: torch.dtype | str) -> str:
     return str(dtype).removeprefix("torch.")
 
 

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from kvshelf.vllm.layout import KVLayout, LayoutError
-from kvshelf.vllm.movers import LoadItem, SaveItem, SyncMover
+from kvshelf.vllm.movers import LoadItem, SaveItem, StepMover
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -108,10 +108,12 @@ def dequantize(rows: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tens
     return values.flatten(-2).to(dtype)
 
 
-class Fp8Mover(SyncMover):
+class Fp8Mover(StepMover):
     """Synchronous fp8 copies: the step's loads at its start, its saves at its end."""
 
-    copier: Fp8Copier
+    def __init__(self, copier: Fp8Copier):
+        super().__init__()
+        self.copier = copier
 
     def _load(self, items: Sequence[LoadItem]) -> None:
         for layer in range(self.copier.layout.num_layers):

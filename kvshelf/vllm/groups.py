@@ -100,7 +100,8 @@ def describe_groups(kv_cache_config: object) -> CacheGroups:
     specs = getattr(kv_cache_config, "kv_cache_groups", None)
     if not specs:
         return CacheGroups((CacheGroup(0, GroupKind.FULL, (), 0),))
-    groups, unsupported = [], []
+    groups: list[CacheGroup] = []
+    unsupported: list[str] = []
     for index, group in enumerate(specs):
         spec = group.kv_cache_spec
         if isinstance(spec, UniformTypeKVCacheSpecs):

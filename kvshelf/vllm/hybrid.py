@@ -57,7 +57,7 @@ class HybridCache:
     def __init__(
         self,
         groups: CacheGroups,
-        kv_caches: Mapping[str, object],
+        kv_caches: Mapping[str, torch.Tensor],
         num_blocks: int,
         backend: str,
     ):

@@ -10,49 +10,47 @@ labelled like vLLM's own (model name, engine) plus ``tier``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
+from prometheus_client import Counter, Gauge, Histogram
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
     KVConnectorPromMetrics,
     KVConnectorStats,
 )
 
+from kvshelf.vllm import metric_names as m
+
 # name -> help. Counters: one time series per tier where the key carries "|tier".
 COUNTERS = {
-    "kvshelf_lookups_total": "Requests kvshelf looked up.",
-    "kvshelf_lookup_tokens_total": "Prompt tokens of the requests looked up.",
-    "kvshelf_hit_tokens_total": "Prompt tokens found in kvshelf (any tier).",
-    "kvshelf_loaded_tokens_total": "Prompt tokens loaded into vLLM's cache, by source tier.",
-    "kvshelf_read_bytes_total": "Bytes read from a tier.",
-    "kvshelf_written_bytes_total": "Bytes written to a tier.",
-    "kvshelf_saved_chunks_total": "Chunks copied out of vLLM's cache to be stored.",
-    "kvshelf_dropped_saves_total": "Chunks never stored in lower tiers: evicted from memory "
+    m.LOOKUPS: "Requests kvshelf looked up.",
+    m.LOOKUP_TOKENS: "Prompt tokens of the requests looked up.",
+    m.HIT_TOKENS: "Prompt tokens found in kvshelf (any tier).",
+    m.LOADED_TOKENS: "Prompt tokens loaded into vLLM's cache, by source tier.",
+    m.READ_BYTES: "Bytes read from a tier.",
+    m.WRITTEN_BYTES: "Bytes written to a tier.",
+    m.SAVED_CHUNKS: "Chunks copied out of vLLM's cache to be stored.",
+    m.DROPPED_SAVES: "Chunks never stored in lower tiers: evicted from memory "
     "before they were written, or no room to queue them.",
-    "kvshelf_unpaid_tokens_total": "Prompt tokens found in a tier and recomputed: reading them "
+    m.UNPAID_TOKENS: "Prompt tokens found in a tier and recomputed: reading them "
     "would have taken longer.",
-    "kvshelf_evictions_total": "Entries evicted to stay within a tier's budget.",
-    "kvshelf_corrupt_entries_total": "Entries that failed their checksum and were removed.",
-    "kvshelf_verification_failures_total": "Entries whose recorded origin did not match the prompt.",
-    "kvshelf_write_failures_total": "Entries a tier failed to store (full, unreachable, I/O error).",
-    "kvshelf_errors_total": "I/O or connection errors of a tier.",
-    "kvshelf_timeouts_total": "Operations of a tier that timed out.",
-    "kvshelf_load_failures_total": "Blocks reported to vLLM as failed to load (recomputed).",
+    m.EVICTIONS: "Entries evicted to stay within a tier's budget.",
+    m.CORRUPT_ENTRIES: "Entries that failed their checksum and were removed.",
+    m.VERIFICATION_FAILURES: "Entries whose recorded origin did not match the prompt.",
+    m.WRITE_FAILURES: "Entries a tier failed to store (full, unreachable, I/O error).",
+    m.ERRORS: "I/O or connection errors of a tier.",
+    m.TIMEOUTS: "Operations of a tier that timed out.",
+    m.LOAD_FAILURES: "Blocks reported to vLLM as failed to load (recomputed).",
 }
 GAUGES = {
-    "kvshelf_used_bytes": "Bytes a tier holds now.",
-    "kvshelf_capacity_bytes": "A tier's byte budget.",
-    "kvshelf_entries": "Entries a tier holds now.",
+    m.USED_BYTES: "Bytes a tier holds now.",
+    m.CAPACITY_BYTES: "A tier's byte budget.",
+    m.ENTRIES: "Entries a tier holds now.",
 }
 HISTOGRAMS = {
-    "kvshelf_load_seconds": "Time to start a step's loads into vLLM's cache (CPU: the whole copy).",
-    "kvshelf_save_seconds": "Time the step waited for its saves to be copied out of vLLM's cache.",
+    m.LOAD_SECONDS: "Time to start a step's loads into vLLM's cache (CPU: the whole copy).",
+    m.SAVE_SECONDS: "Time the step waited for its saves to be copied out of vLLM's cache.",
 }
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-
-
-def series(name: str, tier: str = "") -> str:
-    """The stats key of one time series: ``name`` or ``name|tier``."""
-    return f"{name}|{tier}" if tier else name
 
 
 @dataclass
@@ -86,14 +84,14 @@ class KVShelfStats(KVConnectorStats):
 
     def reduce(self) -> dict[str, int | float]:
         counters = self.data["counters"]
-        looked = counters.get("kvshelf_lookup_tokens_total", 0)
-        hit = counters.get("kvshelf_hit_tokens_total", 0)
-        read = sum(v for k, v in counters.items() if k.startswith("kvshelf_read_bytes_total"))
+        looked = counters.get(m.LOOKUP_TOKENS, 0)
+        hit = counters.get(m.HIT_TOKENS, 0)
+        read = sum(v for k, v in counters.items() if k.partition("|")[0] == m.READ_BYTES)
         return {
-            "lookups": counters.get("kvshelf_lookups_total", 0),
+            "lookups": counters.get(m.LOOKUPS, 0),
             "hit_rate": round(hit / looked, 3) if looked else 0.0,
             "read_GB": round(read / 1e9, 3),
-            "dropped_saves": counters.get("kvshelf_dropped_saves_total", 0),
+            "dropped_saves": counters.get(m.DROPPED_SAVES, 0),
         }
 
     def is_empty(self) -> bool:
@@ -110,18 +108,20 @@ class KVShelfPromMetrics(KVConnectorPromMetrics):
     ):
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
         names = [*labelnames, "tier"]
+        # vLLM types its metric classes as one union; each is the prometheus class (or
+        # vLLM's Ray wrapper of it) its name says.
+        counter_cls = cast("type[Counter]", self._counter_cls)
+        gauge_cls = cast("type[Gauge]", self._gauge_cls)
+        histogram_cls = cast("type[Histogram]", self._histogram_cls)
         self._counters = {
-            n: self._counter_cls(name=n, documentation=h, labelnames=names)
-            for n, h in COUNTERS.items()
+            n: counter_cls(name=n, documentation=h, labelnames=names) for n, h in COUNTERS.items()
         }
         self._gauges = {
-            n: self._gauge_cls(
-                name=n, documentation=h, labelnames=names, multiprocess_mode="mostrecent"
-            )
+            n: gauge_cls(name=n, documentation=h, labelnames=names, multiprocess_mode="mostrecent")
             for n, h in GAUGES.items()
         }
         self._histograms = {
-            n: self._histogram_cls(name=n, documentation=h, labelnames=labelnames, buckets=BUCKETS)
+            n: histogram_cls(name=n, documentation=h, labelnames=labelnames, buckets=BUCKETS)
             for n, h in HISTOGRAMS.items()
         }
 

@@ -18,6 +18,7 @@ import logging
 import queue
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -73,11 +74,11 @@ def _save_plan(copier: BlockCopier, items: Sequence[SaveItem]):
     return copier.plan([(i.payload, 0, i.block_ids) for i in items], load=False)
 
 
-class SyncMover:
-    """Synchronous copies; layer hooks do nothing."""
+class StepMover(ABC):
+    """Synchronous copies, the step's loads at its start and its saves at its end;
+    layer hooks do nothing. Subclasses say how one step's items are copied."""
 
-    def __init__(self, copier: BlockCopier):
-        self.copier = copier
+    def __init__(self) -> None:
         self._saves: list[SaveItem] = []
         self._done = StepCopies()
 
@@ -101,6 +102,20 @@ class SyncMover:
         self._saves = []
         done, self._done = self._done, StepCopies()
         return done
+
+    @abstractmethod
+    def _load(self, items: Sequence[LoadItem]) -> None: ...
+
+    @abstractmethod
+    def _save(self, items: Sequence[SaveItem]) -> None: ...
+
+
+class SyncMover(StepMover):
+    """Synchronous block copies of one layout (a CPU cache)."""
+
+    def __init__(self, copier: BlockCopier):
+        super().__init__()
+        self.copier = copier
 
     def _load(self, items: Sequence[LoadItem]) -> None:
         groups = _load_plan(self.copier, items)

@@ -25,6 +25,7 @@ from kvshelf.keys import (
 )
 from kvshelf.lookup import PENDING, LookupClient, socket_path
 from kvshelf.pacing import PrefillClock
+from kvshelf.vllm import metric_names as m
 from kvshelf.vllm.groups import CacheGroups
 from kvshelf.vllm.metadata import BlockIds, KVShelfMetadata, LoadSpec, SaveSpec
 
@@ -71,7 +72,9 @@ class SchedulerSide:
         cacheable = groups is None or groups.unsupported is None
         self.load_enabled = role != "kv_producer" and cacheable
         self.save_enabled = role != "kv_consumer" and cacheable
-        engine_id = vllm_config.kv_transfer_config.engine_id
+        transfer = vllm_config.kv_transfer_config
+        assert transfer is not None, "a KV connector runs only with a kv_transfer_config"
+        engine_id = str(transfer.engine_id)
         parallel = vllm_config.parallel_config
         num_ranks = parallel.tensor_parallel_size * parallel.pipeline_parallel_size
         self._clients = [
@@ -83,9 +86,7 @@ class SchedulerSide:
         self._warned: set[str] = set()
         self._media_ids_are_hashes = _media_ids_are_hashes(vllm_config)
         self._clock = PrefillClock(min_tokens=config.chunk_size)
-        self._counts = dict.fromkeys(
-            ("kvshelf_lookups_total", "kvshelf_lookup_tokens_total", "kvshelf_hit_tokens_total"), 0
-        )
+        self._counts = dict.fromkeys((m.LOOKUPS, m.LOOKUP_TOKENS, m.HIT_TOKENS), 0)
 
     # -- vLLM hooks --------------------------------------------------------------
     def get_num_new_matched_tokens(
@@ -135,9 +136,9 @@ class SchedulerSide:
         )
         for req_id in self._async:
             state = self._requests.get(req_id)
-            if state is not None and state.external_tokens:
+            if state is not None and state.external_tokens and state.plan is not None:
                 end = state.local_tokens + state.external_tokens
-                meta.loads.append(self._load_spec(req_id, state, end))
+                meta.loads.append(self._load_spec(req_id, state, state.plan, end))
                 state.external_tokens = 0
         self._async = []
         for new in scheduler_output.scheduled_new_reqs:
@@ -222,10 +223,11 @@ class SchedulerSide:
         self, req_id: str, state: _Request, computed: int, scheduled: int, meta: KVShelfMetadata
     ) -> None:
         """Add this step's load (tokens computed so far include it) and saves."""
-        if state.external_tokens and state.plan is not None:
-            meta.loads.append(self._load_spec(req_id, state, computed))
+        plan = state.plan
+        if state.external_tokens and plan is not None:
+            meta.loads.append(self._load_spec(req_id, state, plan, computed))
             state.external_tokens = 0
-        if state.plan is None or not self.save_enabled:
+        if plan is None or not self.save_enabled:
             return
         end = computed + scheduled
         limit = min(end, state.num_prompt_tokens)
@@ -233,15 +235,15 @@ class SchedulerSide:
             return  # decoding, or recomputing what was looked at: nothing new to save
         first = max(state.checked, computed)  # states before the step are gone or saved
         state.checked = limit
-        ready = [c for c in state.plan.all_chunks() if c.end <= limit and c.key not in state.done]
+        ready = [c for c in plan.all_chunks() if c.end <= limit and c.key not in state.done]
         state.done.update(c.key for c in ready)
-        states = self._states_to_save(state, first, limit, end)
+        states = self._states_to_save(state, plan, first, limit, end)
         if ready or states:
             meta.saves.append(SaveSpec(req_id, ready, state.block_ids, states))
 
-    def _load_spec(self, req_id: str, state: _Request, computed: int) -> LoadSpec:
+    def _load_spec(self, req_id: str, state: _Request, plan: ChunkPlan, computed: int) -> LoadSpec:
         start = computed - state.external_tokens
-        chunks = state.plan.chunks_up_to(state.hit_tokens)
+        chunks = plan.chunks_up_to(state.hit_tokens)
         state.done.update(c.key for c in chunks)
         loads = [c for c in chunks if c.end > start]
         spec = LoadSpec(req_id, loads, state.block_ids, start, computed)
@@ -254,18 +256,19 @@ class SchedulerSide:
         return spec
 
     def _states_to_save(
-        self, state: _Request, first: int, limit: int, end: int
+        self, state: _Request, plan: ChunkPlan, first: int, limit: int, end: int
     ) -> list[tuple[Chunk, list[int]]]:
         """The state at the step's end, if a chunk or cut ends there: vLLM keeps the
         state after the last computed token only (in "align" mode too, in the slot of
         the block that token is in; earlier slots may hold nothing)."""
         if not self.state_groups or not first < end <= limit:
             return []
-        chunk = state.plan.chunk_ending_at(end)
+        chunk = plan.chunk_ending_at(end)
         if chunk is None or state_chunk(chunk).key in state.done:
             return []
-        slots = [g.state_slot(state.block_ids[g.index], end) for g in self.state_groups]
-        if None in slots:
+        found = [g.state_slot(state.block_ids[g.index], end) for g in self.state_groups]
+        slots = [slot for slot in found if slot is not None]
+        if len(slots) < len(found):
             return []
         saved = state_chunk(chunk)
         state.done.add(saved.key)
@@ -297,9 +300,9 @@ class SchedulerSide:
             return
         state.logged = True
         if state.plan is not None:
-            self._counts["kvshelf_lookups_total"] += 1
-            self._counts["kvshelf_lookup_tokens_total"] += request.num_tokens
-            self._counts["kvshelf_hit_tokens_total"] += state.hit_tokens
+            self._counts[m.LOOKUPS] += 1
+            self._counts[m.LOOKUP_TOKENS] += request.num_tokens
+            self._counts[m.HIT_TOKENS] += state.hit_tokens
         if not self.config.log_requests:
             return
         logger.info(
