@@ -114,7 +114,7 @@ def raw_view(tensor: torch.Tensor, block_dim: int) -> torch.Tensor:
     """``[*outer, blocks, row]`` over the same memory: dimensions in physical order, those
     inside a block merged into one dense row."""
     dims = [d for d in range(tensor.dim()) if tensor.size(d) > 1 or d == block_dim]
-    order = sorted(dims, key=lambda d: -tensor.stride(d))  # outermost first
+    order = sorted(dims, key=lambda d: tensor.stride()[d], reverse=True)  # outermost first
     at = order.index(block_dim)
     outer, inner = order[:at], order[at + 1 :]
     row = 1
@@ -150,7 +150,7 @@ class RowGroup:
     of a layer into one buffer and copies each item's share out with one plain copy
     (all of a layer's copies in one call: ``layers[i][layer]`` is item i's destination)."""
 
-    items: list[tuple[torch.Tensor, int, list[int]]]  # (payload, first payload block, block ids)
+    items: list[tuple[torch.Tensor, int, Sequence[int]]]  # (payload, first block, block ids)
     cache_rows: torch.Tensor  # the cache row of each asked-for row, on the device
     layers: list[tuple[torch.Tensor, ...]] | None = None  # per item, its payload's layers as rows
     sizes: list[int] | None = None  # rows of each item
@@ -182,7 +182,7 @@ class BandGroup(RowGroup):
 class CopyGroup:
     """Items copied through one staging buffer on a GPU (``index`` is ``None``: direct)."""
 
-    items: list[tuple[torch.Tensor, int, list[int]]]  # (payload, first payload block, block ids)
+    items: list[tuple[torch.Tensor, int, Sequence[int]]]  # (payload, first block, block ids)
     index: torch.Tensor | None  # every item's block ids, concatenated, on the device
     num_blocks: int
 
@@ -238,6 +238,12 @@ class BlockCopier:
         flat = buffer if torch.is_tensor(buffer) else torch.frombuffer(buffer, dtype=torch.uint8)
         return flat.view(self.torch_dtype).view(self.layout.payload_shape(num_tokens))
 
+    def _row_table(self, layer: int) -> torch.Tensor:
+        """``layer`` as ``[rows, row]``; row and band groups are planned only with tables."""
+        if self.row_tables is None:
+            raise RuntimeError("row groups need row tables (a contiguous cache on a GPU)")
+        return self.row_tables[layer]
+
     def plan(
         self, items: Sequence[tuple[torch.Tensor, int, Sequence[int]]], load: bool
     ) -> list[CopyGroup | RowGroup]:
@@ -282,7 +288,9 @@ class BlockCopier:
     def _bounded(self, items, whole: bool, layers: int = 1) -> list[list]:
         """``items`` in groups whose staging buffer of ``layers`` layers stays within
         STAGING_BYTES; ``whole``: it holds every item's whole payload, not only its blocks."""
-        groups, current, size = [], [], 0
+        groups: list[list] = []
+        current: list = []
+        size = 0
         for item in items:
             blocks = layers * (item[0].size(self.layout.block_axis + 1) if whole else len(item[2]))
             if current and (size + blocks) * self.layer_block_bytes > STAGING_BYTES:
@@ -330,13 +338,13 @@ class BlockCopier:
             sizes.append(np.full(outer * len(ids), outer * blocks, dtype=np.int64))
             whole = whole and self._whole((payload, first, ids))
             start += outer * blocks
-        within, item_start, item_rows = (np.concatenate(a) for a in (within, starts, sizes))
+        item_within, item_start, item_rows = (np.concatenate(a) for a in (within, starts, sizes))
         layers = self.layout.num_layers
         bands = {band_span(layers, band, tail, layer)[1] for layer in range(layers)}
         bands -= {1} if whole else set()
         # Row r of layer k of a band of b layers, item i: b * start_i + k * rows_i + r.
         layer = np.arange(max(bands, default=1), dtype=np.int64)[:, None]
-        picks = {b: item_start * b + within + item_rows * layer[:b] for b in sorted(bands)}
+        picks = {b: item_start * b + item_within + item_rows * layer[:b] for b in sorted(bands)}
         device = self._to_device(np.concatenate(cache_rows), *picks.values())
         return BandGroup(
             items,
@@ -400,14 +408,17 @@ class BlockCopier:
                 offset += len(ids)
 
     def scatter(
-        self, groups: list[CopyGroup | BandGroup], layer: int, non_blocking: bool = False
+        self, groups: list[CopyGroup | RowGroup], layer: int, non_blocking: bool = False
     ) -> None:
-        """Copy every group's payload blocks of ``layer`` into the cache."""
+        """Copy every group's payload blocks of ``layer`` into the cache (groups planned
+        with ``load``: band groups or copy groups)."""
         axis, raw = self.layout.block_axis, self.raws[layer]
         for group in groups:
             if isinstance(group, BandGroup):
                 self._scatter_rows(group, layer, non_blocking)
                 continue
+            if isinstance(group, RowGroup):
+                raise TypeError("row groups are planned for saves only; plan with load=True")
             if group.index is None:
                 for payload, first, ids in group.items:
                     _copy_blocks(
@@ -432,7 +443,7 @@ class BlockCopier:
             raw.index_copy_(axis, group.index, staged)
 
     def _gather_rows(self, group: RowGroup, layer: int, non_blocking: bool) -> None:
-        staged = self.row_tables[layer].index_select(0, group.cache_rows)
+        staged = self._row_table(layer).index_select(0, group.cache_rows)
         if group.layers is not None:  # whole items: one call for all the layer's copies
             dsts = [layers[layer] for layers in group.layers]
             torch._foreach_copy_(dsts, staged.split(group.sizes), non_blocking=non_blocking)
@@ -454,7 +465,7 @@ class BlockCopier:
         """Gather ``layer``'s rows into its band; once every layer of the band is in (in
         whatever order they came), copy each item's share of the band out in one call."""
         first, size = self.band_span(group, layer)
-        gathered = self.row_tables[layer].index_select(0, group.cache_rows)
+        gathered = self._row_table(layer).index_select(0, group.cache_rows)
         picks = group.picks.get(size)
         if picks is None:  # a single-layer band of whole items: the gathered rows are it
             self._copy_band_out(group, first, size, gathered, non_blocking)
@@ -539,7 +550,7 @@ class BlockCopier:
         picks = group.picks.get(self.band_size(group, first))
         if picks is not None:
             staged = staged.index_select(0, picks[layer - first])
-        self.row_tables[layer].index_copy_(0, group.cache_rows, staged)
+        self._row_table(layer).index_copy_(0, group.cache_rows, staged)
 
 
 def band_span(num_layers: int, band: int, tail: bool, layer: int) -> tuple[int, int]:

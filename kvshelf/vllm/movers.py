@@ -267,7 +267,7 @@ class Completer:
     caller's thread.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._queue: queue.Queue[
             tuple[Callable[[], object] | None, Callable[[bool], None]] | None
         ] = queue.Queue()

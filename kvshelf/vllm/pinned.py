@@ -44,7 +44,7 @@ class PinnedMemory(HostMemory):
                 return None
             slot = self._free.pop()
         view = slot[:nbytes]
-        return HostBlock(memoryview(view.numpy()), self, view)
+        return HostBlock(view.numpy().data, self, view)
 
     def charge(self, nbytes: int) -> int:
         return max(self.slot_bytes, nbytes)
