@@ -34,3 +34,19 @@ def test_serving_imports_no_tooling():
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT
     )
     assert out.stdout.strip() == ""
+
+
+@pytest.mark.timeout(120)
+def test_bench_does_not_import_testing():
+    """kvshelf.testing builds on kvshelf.bench (media, words, payloads), never the reverse:
+    `kvshelf bench` runs without the model builders and their transformers import."""
+    probe = (
+        "import sys, tempfile\n"
+        "import kvshelf.bench.command, kvshelf.bench.run, kvshelf.bench.payloads as p\n"
+        "p.builtin_media(tempfile.mkdtemp())\n"
+        "print(' '.join(m for m in sys.modules if m.startswith(('kvshelf.testing', 'transformers'))))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert out.stdout.strip() == ""

@@ -36,7 +36,7 @@ from kvshelf.testing.reference_models import (
     write_real_shape,
 )
 
-# The page media each model's chat type sends (kvshelf.testing.media.PAGE_MEDIA names).
+# The page media each model's chat type sends (kvshelf.bench.media.PAGE_MEDIA names).
 MEDIA = {
     "llava": ("boardwalk",),
     "phi3_v": ("duck", "lion"),

@@ -10,7 +10,6 @@ server must allow their directory with ``--allowed-local-media-path``); ``http(s
 from __future__ import annotations
 
 import base64
-import mimetypes
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from urllib.parse import unquote, urlparse
 import httpx
 
 from kvshelf.bench.client import MediaError, base_url
+from kvshelf.bench.media import make_media, mime_of
 from kvshelf.bench.words import filler_text
 
 REQUEST_TYPES: tuple[str, ...] = ("text-only", "single-image", "multi-image", "video", "audio")
@@ -34,7 +34,7 @@ TYPE_MEDIA: dict[str, tuple[str, ...]] = {
 }
 # Content-part type per media kind, as the OpenAI/vLLM chat API names them.
 PART_TYPES: dict[str, str] = {"image": "image_url", "audio": "audio_url", "video": "video_url"}
-# Generated media (kvshelf.testing.media names) per type; multi-image uses other images than
+# Generated media (kvshelf.bench.media names) per type; multi-image uses other images than
 # single-image so the two prompts share no prefix.
 BUILTIN_MEDIA: dict[str, tuple[str, ...]] = {
     "text-only": (),
@@ -44,14 +44,6 @@ BUILTIN_MEDIA: dict[str, tuple[str, ...]] = {
     "audio": ("audio_a",),
 }
 QUESTION = "Describe this."
-_EXTRA_MIME = {
-    ".wav": "audio/wav",
-    ".mp4": "video/mp4",
-    ".webm": "video/webm",
-    ".flac": "audio/flac",
-    ".m4a": "audio/mp4",
-    ".webp": "image/webp",
-}
 
 
 @dataclass(frozen=True)
@@ -97,13 +89,6 @@ def load_media(source: str | os.PathLike[str], *, as_file_url: bool = False) -> 
 
 def builtin_media(out_dir: str | os.PathLike[str]) -> dict[str, Path]:
     """Generate the built-in test media into ``out_dir`` (idempotent): name -> path."""
-    try:
-        # Imported here: kvshelf.testing pulls in transformers, which only this needs.
-        from kvshelf.testing.media import make_media
-    except ImportError as exc:
-        raise MediaError(
-            f"generating the built-in media needs {exc.name}; install it or pass --media"
-        ) from None
     try:
         return make_media(out_dir)
     except (ImportError, RuntimeError, OSError) as exc:
@@ -210,12 +195,6 @@ def _count(
 
 def _kind(name: str, source: str) -> str:
     return _kind_of_mime(mime_of(name), source)
-
-
-def mime_of(name: str) -> str:
-    """The MIME type of a file name (or URL path) from its suffix; "" when unknown."""
-    suffix = Path(name).suffix.lower()
-    return _EXTRA_MIME.get(suffix) or mimetypes.guess_type(name)[0] or ""
 
 
 def _kind_of_mime(mime: str, source: str) -> str:

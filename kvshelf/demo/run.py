@@ -37,7 +37,7 @@ from kvshelf.demo.machine import cpu_flags, pick_dtype
 class DemoSystem:
     family: str  # kvshelf.testing's tiny stand-in for the page's model
     chat_types: tuple[str, ...]  # the client's chat types sent to it
-    media: tuple[str, ...]  # generated media (kvshelf.testing.media names) the client sends
+    media: tuple[str, ...]  # generated media (kvshelf.bench.media names) the client sends
     warmup_media: str  # a medium no measured request uses
 
 

@@ -1,16 +1,18 @@
-"""Offline tiny multimodal models, test media and a vLLM server launcher for tests and demos.
+"""Offline tiny multimodal models, test media (made by :mod:`kvshelf.bench.media`) and a vLLM
+server launcher for tests and demos.
 
 Names load on first use: importing one submodule (say the media) does not pull in
-transformers, which only the model builders need.
+transformers, which only the model builders need. kvshelf.testing imports kvshelf.bench,
+never the reverse.
 """
 
 from importlib import import_module
 
 _WHERE = {
-    "MEDIA": "media",
-    "make_media": "media",
-    "make_page_media": "media",
-    "mime_type": "media",
+    "MEDIA": "kvshelf.bench.media",
+    "make_media": "kvshelf.bench.media",
+    "make_page_media": "kvshelf.bench.media",
+    "mime_of": "kvshelf.bench.media",
     "FAMILIES": "models",
     "FAMILY_MODALITIES": "models",
     "FAMILY_REQUEST_TYPES": "models",
@@ -40,4 +42,6 @@ __all__ = list(_WHERE)
 def __getattr__(name: str):
     if name not in _WHERE:
         raise AttributeError(f"module 'kvshelf.testing' has no attribute {name!r}")
-    return getattr(import_module(f"kvshelf.testing.{_WHERE[name]}"), name)
+    where = _WHERE[name]
+    module = where if where.startswith("kvshelf.") else f"kvshelf.testing.{where}"
+    return getattr(import_module(module), name)

@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from kvshelf.testing.media import make_media
+from kvshelf.bench.media import make_media
 from kvshelf.testing.models import DTYPES, FAMILIES, SIZES, build_model, serve_args
 
 

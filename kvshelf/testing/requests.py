@@ -13,11 +13,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from kvshelf.bench.media import mime_of
 from kvshelf.bench.payloads import PART_TYPES, REQUEST_TYPES
 from kvshelf.bench.words import filler_text
-from kvshelf.testing.media import mime_type
 
-# Media (names from kvshelf.testing.media.make_media) each request type sends by default.
+# Media (names from kvshelf.bench.media.make_media) each request type sends by default.
 DEFAULT_MEDIA: dict[str, tuple[str, ...]] = {
     "text-only": (),
     "single-image": ("image_a",),
@@ -30,7 +30,7 @@ DEFAULT_MEDIA: dict[str, tuple[str, ...]] = {
 def data_url(path: str | os.PathLike[str]) -> str:
     """The file as a base64 `data:` URL with its MIME type."""
     encoded = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-    return f"data:{mime_type(path)};base64,{encoded}"
+    return f"data:{mime_of(path)};base64,{encoded}"
 
 
 def file_url(path: str | os.PathLike[str]) -> str:
@@ -40,14 +40,14 @@ def file_url(path: str | os.PathLike[str]) -> str:
 
 def media_part(path: str | os.PathLike[str], *, use_file_url: bool = False) -> dict[str, Any]:
     """A content part (`image_url`, `audio_url` or `video_url`) chosen by the file's MIME type."""
-    part_type = PART_TYPES[mime_type(path).split("/")[0]]
+    part_type = PART_TYPES[mime_of(path).split("/")[0]]
     url = file_url(path) if use_file_url else data_url(path)
     return {"type": part_type, part_type: {"url": url}}
 
 
 def input_audio_part(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A WAV file as an OpenAI `input_audio` part (raw base64, no URL)."""
-    if mime_type(path) != "audio/wav":
+    if mime_of(path) != "audio/wav":
         raise ValueError(f"input_audio parts here are WAV only, got {path}")
     data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
     return {"type": "input_audio", "input_audio": {"data": data, "format": "wav"}}

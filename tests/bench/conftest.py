@@ -18,7 +18,7 @@ SIZE = "xs"  # the smallest model: TTFTs are only checked to exist, never compar
 class Served:
     server: VllmServer
     model: str  # the served model name
-    media: dict[str, Path]  # kvshelf.testing.media names -> files (allowed as file://)
+    media: dict[str, Path]  # kvshelf.bench.media names -> files (allowed as file://)
 
     @property
     def url(self) -> str:

@@ -9,6 +9,7 @@ different, so `make_media` is idempotent and cheap to call from every test.
 from __future__ import annotations
 
 import io
+import mimetypes
 import os
 import tempfile
 import wave
@@ -19,21 +20,21 @@ import numpy as np
 
 AUDIO_SAMPLE_RATE_HZ = 16_000  # what vLLM's audio models expect; avoids resampling
 
-MIME_TYPES: dict[str, str] = {
-    ".png": "image/png",
-    ".jpg": "image/jpeg",
-    ".jpeg": "image/jpeg",
+# Suffixes Python's mimetypes may not know on every host.
+_EXTRA_MIME = {
     ".wav": "audio/wav",
     ".mp4": "video/mp4",
+    ".webm": "video/webm",
+    ".flac": "audio/flac",
+    ".m4a": "audio/mp4",
+    ".webp": "image/webp",
 }
 
 
-def mime_type(path: str | os.PathLike[str]) -> str:
-    """MIME type of a media file made here, from its suffix."""
-    suffix = Path(path).suffix.lower()
-    if suffix not in MIME_TYPES:
-        raise ValueError(f"no MIME type for {suffix!r}; known: {sorted(MIME_TYPES)}")
-    return MIME_TYPES[suffix]
+def mime_of(name: str | os.PathLike[str]) -> str:
+    """The MIME type of a file name (or URL path) from its suffix; "" when unknown."""
+    suffix = Path(name).suffix.lower()
+    return _EXTRA_MIME.get(suffix) or mimetypes.guess_type(str(name))[0] or ""
 
 
 def image_bytes(seed: int, width_px: int = 320, height_px: int = 240, fmt: str = "PNG") -> bytes:
