@@ -48,7 +48,7 @@ import torch
 from kvshelf.codec import FORMAT_VERSION, Entry
 from kvshelf.config import load_config
 from kvshelf.engine import CacheEngine
-from kvshelf.keys import ChunkPlan, MediaSpan, Namespace
+from kvshelf.keys import ChunkPlan, MediaSpan, Namespace, StoreKey
 from kvshelf.storage.base import HeapMemory, HostBlock
 from kvshelf.storage.disk import DiskStore
 
@@ -319,7 +319,7 @@ class RecycledBuffers:
         self.heap = HeapMemory()
         self.free: dict[int, list[HostBlock]] = {}
 
-    def allocate(self, nbytes: int) -> HostBlock:
+    def allocate(self, nbytes: int, key: StoreKey | None = None) -> HostBlock:
         free = self.free.setdefault(nbytes, [])
         return free.pop() if free else self.heap.alloc(nbytes)
 

@@ -324,16 +324,15 @@ class CacheEngine:
         counted (a GPU copy into unpinned memory would stall the step)."""
         nbytes = payload_bytes(dtype, shape)
         memory = self.store.memory
-        block = memory.allocate(nbytes) if memory is not None else None
+        key = self.key(chunk)
+        block = memory.allocate(nbytes, key) if memory is not None else None
         if block is None and not fallback:
             with self._lock:
                 self.counters.dropped_saves += 1
             return None
         if block is None:
             block = self._heap.alloc(nbytes)
-        return Entry(
-            self.key(chunk), chunk.check, chunk.num_tokens, dtype, shape, block.view, block
-        )
+        return Entry(key, chunk.check, chunk.num_tokens, dtype, shape, block.view, block)
 
     def discard(self, entry: Entry) -> None:
         """Give back an entry from :meth:`new_entry` that will not be saved."""

@@ -123,6 +123,11 @@ class HostMemory(ABC):
         """Bytes of memory a block of ``nbytes`` really takes (a slot allocator rounds up)."""
         return nbytes
 
+    def fits(self, nbytes: int) -> bool:
+        """Whether a block of ``nbytes`` can ever come from here (a slot allocator's
+        slots have one size)."""
+        return True
+
 
 class HeapMemory(HostMemory):
     """Ordinary process memory; freeing is left to the garbage collector."""
@@ -139,6 +144,7 @@ class BufferSource(Protocol):
     """Where payloads read by a lower tier land (the memory tier: a read is then also a
     promotion, with no copy)."""
 
-    def allocate(self, nbytes: int) -> HostBlock | None: ...
+    def allocate(self, nbytes: int, key: StoreKey | None = None) -> HostBlock | None:
+        """A buffer for ``nbytes`` (of the entry of ``key``, if known), or ``None``."""
 
     def discard(self, block: HostBlock) -> None: ...

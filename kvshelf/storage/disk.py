@@ -196,7 +196,7 @@ class DiskStore(Store):
                 raise CorruptEntry("entry is filed under another key")
             if os.fstat(fd).st_size != HEADER_BYTES + header.payload_bytes:
                 raise CorruptEntry("file size does not match its header")
-            block = self._buffer(header.payload_bytes)
+            block = self._buffer(header.payload_bytes, key)
             head = memoryview(first)[HEADER_BYTES:]  # payload bytes read with the header
             block.view[: head.nbytes] = head
             return _Read(key, path, fd, direct, header, block, len(first))
@@ -331,8 +331,8 @@ class DiskStore(Store):
         self._touch(read.key, read.path, HEADER_BYTES + entry.nbytes)
         return entry
 
-    def _buffer(self, nbytes: int) -> HostBlock:
-        block = self.buffers.allocate(nbytes) if self.buffers is not None else None
+    def _buffer(self, nbytes: int, key: StoreKey) -> HostBlock:
+        block = self.buffers.allocate(nbytes, key) if self.buffers is not None else None
         return block if block is not None else self._heap.alloc(nbytes)
 
     def _give_back(self, block: HostBlock) -> None:

@@ -1,7 +1,10 @@
 """The memory tier: a byte-budgeted LRU of entries in host memory.
 
 Buffers come from a :class:`~kvshelf.storage.base.HostMemory` (plain heap, or pinned
-memory when CUDA is present). Entries can be pinned: a pinned entry is never evicted
+memory when CUDA is present). Engines of several namespaces may share one tier (one
+budget): each names the host memory its own buffers come from (:meth:`MemoryStore.use`),
+so the KV cache's entries sit in pinned slots and encoder outputs, of other sizes, on
+the heap; every buffer is charged to the one budget. Entries can be pinned: a pinned entry is never evicted
 nor freed, so a copy out of it (to the GPU, to disk, to Redis) is safe while pinned.
 
 An entry can also be *dirty*: saved here and not yet written to the lower tiers. Eviction
@@ -18,19 +21,24 @@ from contextlib import contextmanager
 from dataclasses import replace
 
 from kvshelf.codec import Entry
-from kvshelf.keys import StoreKey
+from kvshelf.keys import NAMESPACE_ID_BYTES, StoreKey
 from kvshelf.storage.base import Counters, HeapMemory, HostBlock, HostMemory, Store, StoreStats
 
 
 class MemoryStore(Store):
     """Byte-budgeted LRU. ``capacity_bytes`` bounds resident entries plus buffers
-    handed out by :meth:`allocate` and not yet stored or discarded."""
+    handed out by :meth:`allocate` and not yet stored or discarded. ``host``: where
+    buffers come from unless :meth:`use` names another for their namespace (plain heap
+    without it)."""
 
     name = "memory"
 
     def __init__(self, capacity_bytes: int, host: HostMemory | None = None):
         self.capacity_bytes = capacity_bytes
-        self.host = host or HeapMemory()
+        self._heap = HeapMemory()
+        self.host: HostMemory = host or self._heap
+        self._hosts: set[HostMemory] = {self._heap, self.host}  # buffers of these are ours
+        self._host_of: dict[bytes, HostMemory] = {}  # namespace id -> where its buffers come from
         self._entries: OrderedDict[StoreKey, Entry] = OrderedDict()  # oldest first
         self._pins: Counter[StoreKey] = Counter()
         self._doomed: dict[StoreKey, list[Entry]] = {}  # deleted while pinned: freed on unpin
@@ -41,27 +49,41 @@ class MemoryStore(Store):
         self._counters = Counters(self.name, capacity_bytes)
 
     # -- buffers ---------------------------------------------------------------
-    def allocate(self, nbytes: int) -> HostBlock | None:
-        """A buffer counted against the budget, evicting unpinned LRU entries to make
-        room. ``None`` when the budget cannot fit it (too big, or everything pinned)."""
-        charge = self.host.charge(nbytes)
+    def use(self, namespace_id: bytes, host: HostMemory | None) -> None:
+        """Buffers for keys of ``namespace_id`` come from ``host`` (``None``: the heap).
+        The first ``host`` given also serves keys of namespaces that named none (a
+        lower tier's read of them) when it can hold the buffer. Thread-safe."""
         with self._lock:
-            victims = self._make_room(charge)
+            if host is not None and self.host is self._heap:
+                self.host = host
+            host = host or self._heap
+            self._hosts.add(host)
+            self._host_of[namespace_id] = host
+
+    def allocate(self, nbytes: int, key: StoreKey | None = None) -> HostBlock | None:
+        """A buffer counted against the budget, for the entry of ``key`` if known,
+        evicting unpinned LRU entries to make room. ``None`` when the budget cannot fit
+        it (too big, or everything pinned)."""
+        with self._lock:
+            host = self._host_for(nbytes, key)
+            victims = self._make_room(host.charge(nbytes))
             if victims is None:
                 return None
             # Hand out an evicted buffer of the same size rather than fresh memory: new
             # pages cost a fault each (and a pinned allocator is slow to grow).
-            reused = next((b for b in victims if b.view.nbytes == nbytes), None)
+            reused = next(
+                (b for b in victims if b.view.nbytes == nbytes and b.memory is host), None
+            )
             for victim in victims:
                 if victim is not reused:
                     self._release(victim)
             if reused is not None:
                 return reused  # its bytes stay counted in _used, now as a buffer
-            block = self.host.alloc(nbytes)
+            block = host.alloc(nbytes)
             while block is None and self._evict_one():  # the allocator ran dry first
-                block = self.host.alloc(nbytes)
+                block = host.alloc(nbytes)
             if block is not None:
-                self._used += charge
+                self._used += host.charge(nbytes)
             return block
 
     def discard(self, block: HostBlock) -> None:
@@ -75,7 +97,7 @@ class MemoryStore(Store):
     def block_of(self, entry: Entry) -> HostBlock | None:
         """The buffer behind ``entry`` when it is one of ours (else ``None``)."""
         owner = entry.owner
-        return owner if isinstance(owner, HostBlock) and owner.memory is self.host else None
+        return owner if isinstance(owner, HostBlock) and owner.memory in self._hosts else None
 
     # -- Store -------------------------------------------------------------------
     def contains(self, keys: Sequence[StoreKey]) -> list[bool]:
@@ -215,7 +237,7 @@ class MemoryStore(Store):
             return resident
 
     def _copy_in(self, entry: Entry) -> Entry | None:
-        block = self.allocate(entry.nbytes)
+        block = self.allocate(entry.nbytes, entry.key)
         if block is None:
             return None
         block.view[:] = entry.payload.cast("B")
@@ -241,7 +263,7 @@ class MemoryStore(Store):
             if self._used - freed + nbytes <= self.capacity_bytes:
                 break
             victims.append(key)
-            freed += self.host.charge(self._entries[key].nbytes)
+            freed += self._charge(self._entries[key])
         if self._used - freed + nbytes > self.capacity_bytes:
             return None
         evicted = [self._evict(key) for key in victims]
@@ -273,7 +295,17 @@ class MemoryStore(Store):
         self._counters.add(evictions=1)
         return self.block_of(self._entries.pop(key))
 
+    def _host_for(self, nbytes: int, key: StoreKey | None) -> HostMemory:  # holds lock
+        named = self._host_of.get(key[:NAMESPACE_ID_BYTES]) if key is not None else None
+        if named is not None:
+            return named
+        return self.host if self.host.fits(nbytes) else self._heap
+
+    def _charge(self, entry: Entry) -> int:  # holds lock
+        block = self.block_of(entry)
+        return block.memory.charge(entry.nbytes) if block is not None else 0
+
     def _release(self, block: HostBlock | None) -> None:  # holds lock
-        if block is not None and block.memory is self.host:
-            self._used -= self.host.charge(block.view.nbytes)
-            self.host.free(block)
+        if block is not None and block.memory in self._hosts:
+            self._used -= block.memory.charge(block.view.nbytes)
+            block.memory.free(block)

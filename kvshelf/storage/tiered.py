@@ -22,7 +22,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from kvshelf.codec import Entry
@@ -69,7 +69,9 @@ class _Job:
 
 
 class TieredStore:
-    """Thread-safe. ``memory`` may be ``None`` (memory tier disabled)."""
+    """Thread-safe. ``memory`` may be ``None`` (memory tier disabled). The tiers may be
+    shared with other TieredStores (:func:`kvshelf.storage.build.open_tiers`): then
+    ``release`` is how :meth:`close` lets go of them, instead of closing them."""
 
     def __init__(
         self,
@@ -78,8 +80,10 @@ class TieredStore:
         queue_bytes: int = 2 * 10**9,
         threads: int = 2,
         write_lower: bool = True,
+        release: Callable[[], None] | None = None,
     ):
         self.memory = memory
+        self._release = release
         self.lower = list(lower)
         # False: this process only reads the lower tiers (another one writes the same
         # entries there, e.g. rank 0 of a TP group whose ranks all hold the same MLA latent).
@@ -88,7 +92,8 @@ class TieredStore:
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._queue_stats = SaveQueueStats(capacity_bytes=queue_bytes)
         self._read_rates: dict[str, float] = {}  # lower tier name -> bytes/s
-        self._closing = False
+        self._closing = False  # writers skip what is left
+        self._closed = False
         self._warned_at: dict[str, float] = {}
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
@@ -284,7 +289,11 @@ class TieredStore:
         return stats
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Write what is queued for at most ``timeout_s``, abandon the rest, log both."""
+        """Write what is queued for at most ``timeout_s``, abandon the rest, log both;
+        then close the tiers, or let go of them where they are shared. Once only."""
+        if self._closed:
+            return
+        self._closed = True
         before = self.queue_stats()
         began = time.monotonic()
         flushed = self.flush(timeout_s)
@@ -305,5 +314,8 @@ class TieredStore:
                 before.queued_entries - written,
                 "" if flushed else " (raise flush_on_stop_s to wait longer)",
             )
-        for tier in self.tiers:
-            tier.close()
+        if self._release is not None:
+            self._release()
+        else:
+            for tier in self.tiers:
+                tier.close()

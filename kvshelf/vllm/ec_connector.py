@@ -13,8 +13,11 @@ encoder namespace, serving lookups; each step it copies held entries into vLLM's
 cache and new encoder outputs out of it.
 
 Settings: ``ec_connector_extra_config`` over, when ``KVShelfConnector`` runs too, its
-``kv_connector_extra_config`` (one config). The two share the disk directory and Redis
-under different namespaces; each has its own memory tier.
+``kv_connector_extra_config`` (one config). In a worker process the two engines then
+share the tiers themselves (:func:`kvshelf.storage.build.open_tiers`): one memory tier
+and budget, one disk index, one Redis client, each under its own namespace. vLLM's
+``/metrics`` shows those tiers' figures once, from ``KVShelfConnector``; this connector
+exports only its ``kvshelf_encoder_*`` counters, where vLLM has EC connector metrics.
 """
 
 from __future__ import annotations
@@ -31,10 +34,6 @@ from vllm.distributed.ec_transfer.ec_connector.base import (
     ECConnectorMetadata,
     ECConnectorRole,
     ECConnectorWorkerMetadata,
-)
-from vllm.distributed.ec_transfer.ec_connector.metrics import (
-    ECConnectorPromMetrics,
-    ECConnectorStats,
 )
 
 from kvshelf.config import KVShelfConfig, load_config
@@ -53,6 +52,11 @@ from kvshelf.vllm import metric_names as m
 from kvshelf.vllm.logs import configure_logging
 from kvshelf.vllm.metric_names import series
 
+try:
+    from kvshelf.vllm.ec_metrics import KVShelfECPromMetrics, KVShelfECStats
+except ImportError:  # vLLM without EC connector metrics (0.26): the counters go unexported
+    KVShelfECPromMetrics = KVShelfECStats = None  # type: ignore[assignment,misc]
+
 if TYPE_CHECKING:
     from vllm.config import ECTransferConfig, VllmConfig
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -62,17 +66,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("kvshelf.encoder")
 
 KV_CONNECTOR_NAME = "KVShelfConnector"
-# name -> help; one time series per modality.
-COUNTERS = {
-    m.ENCODER_LOOKUPS: "Media items looked up in kvshelf's encoder cache.",
-    m.ENCODER_HITS: "Media items whose encoder output was loaded from kvshelf.",
-    m.ENCODER_MISSES: "Media items looked up and not found (or unreadable).",
-    m.ENCODER_CORRUPT: "Encoder entries found but corrupt or unverifiable: "
-    "removed, and the encoder ran.",
-    m.ENCODER_STORED: "Encoder outputs stored.",
-    m.ENCODER_UNCACHEABLE: "Media items not cached: no content hash, or an "
-    "encoder output of another layout than expected.",
-}
 
 
 def encoder_config(vllm_config: VllmConfig) -> KVShelfConfig:
@@ -159,11 +152,12 @@ class KVShelfECConnector(ECConnectorBase):
 
     # -- metrics -----------------------------------------------------------------
     def get_ec_connector_stats(self) -> KVShelfECStats | None:
-        if self._scheduler is None:
+        if self._scheduler is None or KVShelfECStats is None:
             return None  # workers report through their metadata (every runner sends it)
         counts = self._scheduler.take_counts()
         return KVShelfECStats(data={"counters": counts}) if counts else None
 
+    # Called only by a vLLM that has EC connector metrics, hence KVShelfECStats.
     @classmethod
     def build_ec_connector_stats(cls, data: dict[str, Any] | None = None) -> KVShelfECStats:
         return KVShelfECStats(data=dict(data or {}))
@@ -382,54 +376,6 @@ class WorkerSide:
         if reason not in self._warned:
             self._warned.add(reason)
             logger.warning(message, *args)
-
-
-@dataclass
-class KVShelfECStats(ECConnectorStats):
-    """``data`` = {"counters": {"name|modality": increment}}: plain numbers."""
-
-    def __post_init__(self) -> None:
-        self.data.setdefault("counters", {})
-
-    def reset(self) -> None:
-        self.data = {"counters": {}}
-
-    def aggregate(self, other: ECConnectorStats) -> KVShelfECStats:
-        counts = Counter(self.data["counters"])
-        counts.update(other.data.get("counters", {}))
-        return KVShelfECStats(data={"counters": dict(counts)})
-
-    def reduce(self) -> dict[str, int | float]:
-        totals: Counter[str] = Counter()
-        for key, value in self.data["counters"].items():
-            totals[key.partition("|")[0]] += value
-        looked = totals[m.ENCODER_LOOKUPS]
-        return {
-            "encoder_lookups": looked,
-            "encoder_hit_rate": round(totals[m.ENCODER_HITS] / looked, 3) if looked else 0.0,
-            "encoder_stored": totals[m.ENCODER_STORED],
-            "encoder_corrupt": totals[m.ENCODER_CORRUPT],
-        }
-
-    def is_empty(self) -> bool:
-        return not self.data["counters"]
-
-
-class KVShelfECPromMetrics(ECConnectorPromMetrics):
-    def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues):
-        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
-        names = [*labelnames, "modality"]
-        self._counters = {
-            n: self._counter_cls(name=n, documentation=h, labelnames=names)
-            for n, h in COUNTERS.items()
-        }
-
-    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
-        labels = self.per_engine_labelvalues[engine_idx]
-        for key, value in transfer_stats_data.get("counters", {}).items():
-            name, _, modality = key.partition("|")
-            if name in self._counters and value > 0:
-                self._counters[name].labels(*labels, modality).inc(value)
 
 
 def encoder_socket(vllm_config: VllmConfig, rank: int) -> str:

@@ -49,6 +49,9 @@ class PinnedMemory(HostMemory):
     def charge(self, nbytes: int) -> int:
         return max(self.slot_bytes, nbytes)
 
+    def fits(self, nbytes: int) -> bool:
+        return nbytes <= self.slot_bytes
+
     def free(self, block: HostBlock) -> None:
         view = block.handle
         assert isinstance(view, torch.Tensor)

@@ -222,7 +222,7 @@ class OffsetBuffers:
         self.heap = HeapMemory()
         self.given: list[HostBlock] = []
 
-    def allocate(self, nbytes: int) -> HostBlock:
+    def allocate(self, nbytes: int, key: StoreKey | None = None) -> HostBlock:
         pages = np.frombuffer(mmap.mmap(-1, nbytes + 2 * mmap.PAGESIZE), dtype=np.uint8)
         block = HostBlock(memoryview(pages[self.shift : self.shift + nbytes]), self.heap)
         self.given.append(block)

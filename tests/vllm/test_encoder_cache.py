@@ -15,6 +15,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -32,9 +35,11 @@ from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.outputs import ECConnectorOutput
 from vllm.v1.request import Request
 
-from kvshelf.codec import CorruptEntry, decode
-from kvshelf.config import ConfigError
+from kvshelf.codec import FORMAT_VERSION, CorruptEntry, decode
+from kvshelf.config import ConfigError, load_config
 from kvshelf.encoder_cache import ENCODER_LAYOUT, EncoderItem
+from kvshelf.engine import CacheEngine
+from kvshelf.keys import Namespace
 from kvshelf.testing import (
     VllmServer,
     build_content,
@@ -43,7 +48,8 @@ from kvshelf.testing import (
     free_port,
     serve_args,
 )
-from kvshelf.vllm.ec_connector import KVShelfECStats, encoder_config
+from kvshelf.vllm.ec_connector import encoder_config
+from kvshelf.vllm.ec_metrics import KVShelfECStats
 from kvshelf.vllm.plugin import register
 from tests.vllm.support import MODEL_NAME, Client, Reply, corrupt, wait_for_metric
 
@@ -390,3 +396,41 @@ def test_stats_aggregate_and_reduce():
     assert merged.data["counters"]["kvshelf_encoder_lookups_total|video"] == 2
     assert merged.reduce()["encoder_hit_rate"] == 0.25
     assert KVShelfECStats().is_empty() and not merged.is_empty()
+
+
+def test_beside_kvshelf_connector_the_encoder_cache_shares_its_tiers(tmp_path):
+    """One config: the encoder engine opens no tiers of its own next to the KV engine's
+    (one memory budget, one disk index), and its shutdown leaves the KV engine working."""
+    kv_extra = {"disk_path": str(tmp_path / "disk"), "cpu_bytes": "1MB", "chunk_size": 16}
+    kv_config = load_config(kv_extra, environ={})
+    kv_engine = CacheEngine(
+        kv_config, Namespace("m", "kv-layout", 0, 1, 16, FORMAT_VERSION)
+    )  # what KVShelfConnector's worker opens
+    config = vllm_config(tmp_path, kv_extra=kv_extra)
+    config.ec_transfer_config.ec_connector_extra_config = {}  # settings from the KV side only
+    pair = Connectors(config)
+    encoder_engine = pair.worker._worker.engine
+    assert encoder_engine.store.memory is kv_engine.store.memory
+    assert encoder_engine.store.lower == kv_engine.store.lower
+    output = torch.randn(6, WIDTH)
+    pair.schedule(image_request(), output)
+    assert kv_engine.store.stats()[0].entries == 1  # the encoder's entry, in the one budget
+    pair.close()
+    plan = kv_engine.plan(list(range(16)))
+    entry = kv_engine.new_entry(plan.full[0], "uint8", (64,))
+    assert entry is not None
+    kv_engine.save([entry])
+    assert kv_engine.flush(10) and kv_engine.locate(plan) == [plan.full[0]]
+    kv_engine.close()
+
+
+def test_the_connector_imports_on_a_vllm_without_ec_connector_metrics():
+    """vLLM 0.26 has no ``ec_connector.metrics``: the connector works, unexported."""
+    code = (
+        "import sys; sys.modules['vllm.distributed.ec_transfer.ec_connector.metrics'] = None\n"
+        "from kvshelf.vllm import ec_connector as c\n"
+        "assert c.KVShelfECStats is None and c.KVShelfECPromMetrics is None\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
