@@ -3,16 +3,17 @@
 Entries are laid out as a head and payload parts (:mod:`kvshelf.storage.redis_layout`).
 A writer stores its parts under a fresh nonce and then the head with ``SET NX``: a
 reader that sees a head finds whole parts, and of two writers racing on one key the
-loser removes its parts. With a TTL, parts live a minute longer than their head, so a
-visible head has its parts. :func:`kvshelf.storage.redis_connect.open_remote` opens one
+loser removes its parts. :func:`kvshelf.storage.redis_connect.open_remote` opens one
 from a URL.
 
-Failure is a miss. A connection error or timeout marks the tier down: calls answer at
-once (miss, or save dropped and counted) until a backoff deadline (0.5 s doubling to
+Failure is a miss. A connection error or timeout marks the server down: calls answer
+at once (miss, or save dropped and counted) until a backoff deadline (0.5 s doubling to
 30 s), when one call tries again. One WARNING when the server goes, one INFO when it is
-back. A write the server refuses (``maxmemory`` with ``noeviction``, a read-only
-replica) is dropped and counted. Every read is checked (header, key, sizes, payload
-checksum); a bad entry is removed and counted as ``corrupt``.
+back. In a cluster that server is one master (:mod:`kvshelf.storage.redis_nodes`): only
+the keys in its slots miss, and they hit again once a replica takes over. A write the
+server refuses (``maxmemory`` with ``noeviction``, a read-only replica) is dropped and
+counted. Every read is checked (header, key, sizes, payload checksum); a bad entry is
+removed and counted as ``corrupt``.
 
 The timeout bounds connecting, each wait for a reply, and each part's send as a whole
 (Python's ``sendall``): keep ``part_bytes`` well under bandwidth x timeout.
@@ -37,34 +38,24 @@ import redis
 from redis import exceptions as rx
 from redis.cluster import RedisCluster
 
-from kvshelf.codec import (
-    CorruptEntry,
-    Entry,
-    check_payload,
-    entry_from,
-)
+from kvshelf.codec import CorruptEntry, Entry, check_payload, entry_from
 from kvshelf.config import redact_url
 from kvshelf.keys import StoreKey
-from kvshelf.storage.base import (
-    BufferSource,
-    Counters,
-    HeapMemory,
-    HostBlock,
-    Store,
-    StoreStats,
-)
-from kvshelf.storage.redis_connect import CallThreads, Halt, Link, batches, get_into
+from kvshelf.storage.base import BufferSource, Counters, HeapMemory, HostBlock, Store, StoreStats
+from kvshelf.storage.redis_connect import CallThreads, batches, get_into
 from kvshelf.storage.redis_layout import (
     MAX_PART_BYTES,
     NONCE_BYTES,
     RemoteHead,
     decode_head,
     decode_or_none,
-    encode_head,
+    head_command,
     head_key,
     key_tag,
+    part_commands,
     part_spans,
 )
+from kvshelf.storage.redis_nodes import CLUSTER_ANSWERS, DOWN, UNREACHABLE, Halt, NodeRoute, Nodes
 
 logger = logging.getLogger(__name__)
 
@@ -72,13 +63,10 @@ logger = logging.getLogger(__name__)
 # against maxmemory, and redis-py buffers a pipeline's whole reply: this bounds both.
 PIPELINE_BYTES = 32 * 2**20
 CONNECTIONS = 4  # per call; see benchmarks/redis_tier.py
-PART_TTL_SLACK_S = 60
 BACKOFF_S = (0.5, 30.0)  # first and longest wait before retrying a server that is down
 
 
 Client = redis.Redis | RedisCluster
-# A server that cannot be reached or has no quorum: the whole call is a miss.
-_UNREACHABLE = (rx.ConnectionError, rx.TimeoutError, rx.ClusterError, rx.RedisClusterException)
 
 
 @dataclass(slots=True)
@@ -156,7 +144,7 @@ class RedisStore(Store):
         self._lock = threading.Lock()
         self._parts_lock = threading.Lock()  # parts left to count, of every call
         self._counters = Counters(self.name)
-        self._link = Link(self.url, backoff_s)
+        self._nodes = Nodes(self.url, backoff_s, self.client, self._threads, self._count_lost)
         self._warned: set[str] = set()  # kinds of server error already logged
         self._refusing = False  # the server refused writes last time we tried
 
@@ -169,16 +157,16 @@ class RedisStore(Store):
     # -- Store -------------------------------------------------------------------
     def contains(self, keys: Sequence[StoreKey]) -> list[bool]:
         found = [False] * len(keys)
-        if keys and self._link.ready():
-            results = self._round_trip([("EXISTS", head_key(k)) for k in keys])
-            for i, result in enumerate(results or ()):
+        if keys:
+            results = self._nodes.round_trip([("EXISTS", head_key(k)) for k in keys])
+            for i, result in enumerate(results):
                 found[i] = self._answer(result, "lookup") == 1
         self._counters.add(lookups=len(keys), lookup_hits=sum(found))
         return found
 
     def get(self, keys: Sequence[StoreKey]) -> list[Entry | None]:
         out: list[Entry | None] = [None] * len(keys)
-        if keys and self._link.ready():
+        if keys:
             reads = self._read_heads(keys)
             if reads:
                 self._read_payloads(reads, out)
@@ -191,23 +179,20 @@ class RedisStore(Store):
     def put(self, entries: Sequence[Entry]) -> int:
         if not entries:
             return 0
-        if not self._link.ready():
-            self._counters.add(write_failures=len(entries))
-            return 0
-        results = self._round_trip([("EXISTS", head_key(e.key)) for e in entries])
-        if results is None:
-            self._counters.add(write_failures=len(entries))
-            return 0
-        present = [self._answer(r, "lookup") == 1 for r in results]
-        self._counters.add(write_skips=sum(present))
-        return sum(present) + self._write([e for e, p in zip(entries, present) if not p])
+        results = self._nodes.round_trip([("EXISTS", head_key(e.key)) for e in entries])
+        found = [self._answer(r, "lookup") for r in results]
+        absent = [e for e, n in zip(entries, found) if n == 0]
+        present = sum(n == 1 for n in found)
+        # Where the server is down or answered with an error, nothing is sent.
+        self._counters.add(write_skips=present, write_failures=len(entries) - present - len(absent))
+        return present + self._write(absent)
 
     def delete(self, keys: Sequence[StoreKey]) -> int:
-        if not keys or not self._link.ready():
+        if not keys:
             return 0
-        raw_heads = self._round_trip([("GET", head_key(k)) for k in keys])
+        raw_heads = self._nodes.round_trip([("GET", head_key(k)) for k in keys])
         victims: list[tuple[StoreKey, RemoteHead | None]] = []
-        for key, raw in zip(keys, raw_heads or ()):
+        for key, raw in zip(keys, raw_heads):
             raw = self._answer(raw, "read")
             if raw is not None:
                 victims.append((key, decode_or_none(raw)))
@@ -217,6 +202,7 @@ class RedisStore(Store):
         return self._counters.snapshot()
 
     def close(self) -> None:
+        self._nodes.close()
         with self._lock:
             client, self._client = self._client, None
         self._threads.shutdown()
@@ -226,9 +212,9 @@ class RedisStore(Store):
     # -- reading -----------------------------------------------------------------
     def _read_heads(self, keys: Sequence[StoreKey]) -> list[tuple[int, _Read]]:
         """Fetch and check the heads; allocate a buffer for each good one."""
-        raw_heads = self._round_trip([("GET", head_key(k)) for k in keys])
+        raw_heads = self._nodes.round_trip([("GET", head_key(k)) for k in keys])
         reads, bad = [], []
-        for i, (key, raw) in enumerate(zip(keys, raw_heads or ())):
+        for i, (key, raw) in enumerate(zip(keys, raw_heads)):
             raw = self._answer(raw, "read")
             if raw is None:
                 continue
@@ -250,9 +236,12 @@ class RedisStore(Store):
         each entry is checked as soon as its last part is in."""
         jobs = [(read, *part) for _, read in reads for part in read.head.parts()]
         halt = Halt()
+        groups, unsent = self._nodes.group(jobs, lambda job: job[1], halt)
+        for read, *_ in unsent:  # its server is down: never checked, a miss
+            read.failed = True
         tasks = [
-            (pool, batch, halt)
-            for pool, group in self._by_pool(jobs, halt)
+            (route, batch, halt)
+            for route, group in groups
             for batch in batches(group, lambda job: job[3], self._task_bytes)
         ]
         self._threads.run(self._fetch, tasks)
@@ -267,28 +256,11 @@ class RedisStore(Store):
                     bad.append((read.key, read.head))
         self._remove(bad)
 
-    def _by_pool(self, jobs: list, halt: Halt) -> list[tuple[redis.ConnectionPool, list]]:
-        """The jobs grouped by the connection pool of the node holding their part."""
-        try:
-            client = self.client()
-            if not isinstance(client, RedisCluster):
-                return [(client.connection_pool, jobs)]
-            groups: dict[str, tuple[redis.ConnectionPool, list]] = {}
-            for job in jobs:
-                node = client.get_node_from_key(job[1])
-                pool = client.get_redis_connection(node).connection_pool
-                groups.setdefault(node.name, (pool, []))[1].append(job)
-            return list(groups.values())
-        except _UNREACHABLE as exc:  # e.g. a slot no node serves
-            self._unreachable(exc, halt)
-            for job in jobs:
-                job[0].failed = True
-            return []
-
-    def _fetch(self, task: tuple[redis.ConnectionPool, list, Halt]) -> None:
+    def _fetch(self, task: tuple[NodeRoute, list, Halt]) -> None:
         """One round trip of part GETs, each landing in its entry's buffer."""
-        pool, jobs, halt = task
-        answers = None if halt.stopped else self._get_into(pool, jobs, halt)
+        route, jobs, halt = task
+        lost = halt.stopped or halt.lost(route.link)
+        answers = None if lost else self._get_into(route, jobs, halt)
         for n, (read, _, offset, nbytes) in enumerate(jobs):
             if answers is None:
                 read.failed = True
@@ -298,9 +270,10 @@ class RedisStore(Store):
                 _land(read, offset, nbytes, answers[n])
             self._part_read(read)
 
-    def _get_into(self, pool: redis.ConnectionPool, jobs: list, halt: Halt) -> list | None:
-        """:func:`get_into` on one of ``pool``'s connections; ``None`` where the node is
+    def _get_into(self, route: NodeRoute, jobs: list, halt: Halt) -> list | None:
+        """:func:`get_into` on one of the node's connections; ``None`` where the node is
         unreachable (counted)."""
+        pool = route.client.connection_pool
         try:
             connection = pool.get_connection()
             try:
@@ -308,10 +281,10 @@ class RedisStore(Store):
                 answers = get_into(connection, [job[1] for job in jobs], views)
             finally:
                 pool.release(connection)
-        except _UNREACHABLE as exc:
-            self._unreachable(exc, halt)
+        except UNREACHABLE as exc:
+            self._nodes.lost(exc, route.link, halt)
             return None
-        self._link.succeeded()
+        route.link.succeeded()
         return answers
 
     def _part_read(self, read: _Read) -> None:
@@ -357,29 +330,36 @@ class RedisStore(Store):
         saves = [_Save(entry, os.urandom(NONCE_BYTES)) for entry in entries]
         jobs = [(save, command) for save in saves for command in self._part_commands(save)]
         halt = Halt()
-        tasks = [(batch, halt) for batch in batches(jobs, _part_bytes, self._task_bytes)]
+        groups, unsent = self._nodes.group(jobs, lambda job: job[1][1], halt)
+        for save, _ in unsent:  # its server is down
+            self._part_saved(save, False)
+        tasks = [
+            (route, batch, halt)
+            for route, group in groups
+            for batch in batches(group, _part_bytes, self._task_bytes)
+        ]
         self._threads.run(self._send_parts, tasks)
         for save in saves:
             if save.landed and save.head is None:  # an entry of no parts
                 save.head = self._head_command(save)
         complete = [(save, save.head) for save in saves if save.head is not None]
-        answers = None
-        if complete and not halt.unreachable:
-            answers = self._round_trip([head for _, head in complete], halt)
+        answers = self._nodes.round_trip([head for _, head in complete], halt) if complete else []
         stored = skipped = 0
         leftovers = [save for save in saves if save.head is None]
-        for (save, _), answer in zip(complete, answers or ()):
+        for (save, _), answer in zip(complete, answers):
             if answer is True:
                 stored += 1
                 self._counters.add(bytes_written=save.entry.nbytes)
                 continue
             leftovers.append(save)
-            if isinstance(answer, Exception):
-                self._refused(answer)
-            else:  # another writer's head won: the entry is there
+            if answer is None:  # another writer's head won: the entry is there
                 skipped += 1
-        if leftovers and not halt.unreachable:  # remove our parts
-            self._round_trip([("DEL", *(span[0] for span in self._spans(s))) for s in leftovers])
+            elif isinstance(answer, CLUSTER_ANSWERS):
+                self._answer(answer, "write")
+            elif answer is not DOWN:
+                self._refused(answer)
+        if leftovers:  # remove our parts, where their server is still up
+            self._nodes.round_trip([("DEL", *self._part_keys(s)) for s in leftovers], halt)
         with self._lock:
             recovered = bool(stored) and self._refusing
             self._refusing = self._refusing and not stored
@@ -389,16 +369,23 @@ class RedisStore(Store):
         self._counters.add(writes=stored, write_skips=skipped, write_failures=failed)
         return stored + skipped
 
-    def _send_parts(self, task: tuple[list, Halt]) -> None:
-        """One round trip of part SETs."""
-        jobs, halt = task
-        results = None if halt.stopped else self._round_trip([job[1] for job in jobs], halt)
-        refusal = next((r for r in results or () if isinstance(r, Exception)), None)
+    def _send_parts(self, task: tuple[NodeRoute, list, Halt]) -> None:
+        """One round trip of part SETs to one node."""
+        route, jobs, halt = task
+        if halt.stopped or halt.lost(route.link):
+            results = [DOWN] * len(jobs)
+        else:
+            results = self._nodes.send(route, [job[1] for job in jobs], halt)
+        errors = [r for r in results if isinstance(r, Exception)]
+        refusal = next((r for r in errors if not isinstance(r, CLUSTER_ANSWERS)), None)
         if refusal is not None:  # full or read-only: send no more bytes this call
             halt.stop()
             self._refused(refusal)
+        for error in errors:
+            if isinstance(error, CLUSTER_ANSWERS):  # e.g. CLUSTERDOWN: a miss, not a refusal
+                self._answer(error, "write")
         for n, (save, _) in enumerate(jobs):
-            self._part_saved(save, results is not None and results[n] is True)
+            self._part_saved(save, results[n] is True)
 
     def _part_saved(self, save: _Save, landed: bool) -> None:
         with self._parts_lock:
@@ -409,21 +396,16 @@ class RedisStore(Store):
             save.head = self._head_command(save)
 
     def _part_commands(self, save: _Save) -> list[tuple]:
-        payload = save.entry.payload
-        payload = payload.cast("B") if payload.format != "B" else payload
-        ttl = () if self.ttl_s is None else ("EX", self.ttl_s + PART_TTL_SLACK_S)
-        spans = self._spans(save)
-        save.parts_left = len(spans)
-        return [("SET", key, payload[offset : offset + n], *ttl) for key, offset, n in spans]
+        commands = part_commands(save.entry, save.nonce, self.part_bytes, self.ttl_s)
+        save.parts_left = len(commands)
+        return commands
 
     def _head_command(self, save: _Save) -> tuple:
-        """The head's SET NX; it carries the payload checksum, computed here."""
-        ttl = () if self.ttl_s is None else ("EX", self.ttl_s)
-        head = encode_head(save.entry, self.part_bytes, save.nonce)
-        return ("SET", head_key(save.entry.key), head, "NX", *ttl)
+        return head_command(save.entry, save.nonce, self.part_bytes, self.ttl_s)
 
-    def _spans(self, save: _Save) -> list[tuple[bytes, int, int]]:
-        return part_spans(save.entry.key, save.nonce, save.entry.nbytes, self.part_bytes)
+    def _part_keys(self, save: _Save) -> list[bytes]:
+        spans = part_spans(save.entry.key, save.nonce, save.entry.nbytes, self.part_bytes)
+        return [key for key, _, _ in spans]
 
     # -- removing ----------------------------------------------------------------
     def _remove(self, victims: Sequence[tuple[StoreKey, RemoteHead | None]]) -> int:
@@ -436,39 +418,20 @@ class RedisStore(Store):
             parts = [p[0] for p in head.parts()] if head is not None else self._scan_parts(key)
             if parts:
                 commands.append(("DEL", *parts))
-        results = self._round_trip(commands) or []
+        results = self._nodes.round_trip(commands)
         return sum(self._answer(r, "delete") == 1 for r in results[: len(victims)])
 
     def _scan_parts(self, key: StoreKey) -> list[bytes]:
         try:
             found = self.client().scan_iter(match=f"{key_tag(key)}:*", count=1000)
             return [k for k in found if not k.endswith(b":h")]
-        except _UNREACHABLE as exc:
-            self._unreachable(exc)
+        except UNREACHABLE as exc:
+            # A cluster's SCAN asks every master: one lost says nothing of the others.
+            cluster = isinstance(self._client, RedisCluster)
+            self._nodes.lost(exc, None if cluster else self._nodes.main)
             return []
 
     # -- failures ----------------------------------------------------------------
-    def _round_trip(self, commands: Sequence[tuple], halt: Halt | None = None) -> list | None:
-        """One pipelined round trip; ``None`` when the server is unreachable (counted, and
-        ``halt`` stopped). A command the server rejected answers with its exception."""
-        try:
-            pipe = self.client().pipeline(transaction=False)
-            for command in commands:
-                pipe.execute_command(*command)
-            results = pipe.execute(raise_on_error=False)
-        except _UNREACHABLE as exc:
-            self._unreachable(exc, halt)
-            return None
-        except rx.ResponseError as exc:  # the pipeline as a whole was refused
-            self._answer(exc, "pipeline")
-            return None
-        lost = next((r for r in results if isinstance(r, _UNREACHABLE)), None)
-        if lost is not None:  # the cluster pipeline reports some per command
-            self._unreachable(lost, halt)
-            return None
-        self._link.succeeded()
-        return results
-
     def client(self) -> Client:
         """The redis-py client (made on first use); for admin tools that scan keys."""
         with self._lock:
@@ -477,9 +440,14 @@ class RedisStore(Store):
             return self._client
 
     def _answer(self, result, what: str):
-        """``result``, or ``None`` (counted and logged once) if the server rejected it."""
+        """``result``, or ``None`` (counted and logged once) if the server rejected it;
+        ``None`` (counted where it was lost) if its server is down."""
+        if result is DOWN:
+            return None
         if not isinstance(result, Exception):
             return result
+        if isinstance(result, rx.MovedError):  # the slot map is stale: a miss this time
+            self._nodes.ask_refresh()
         self._counters.add(errors=1)
         with self._lock:
             first = what not in self._warned
@@ -488,11 +456,10 @@ class RedisStore(Store):
             logger.warning("remote tier: %s rejected a %s: %s", self.url, what, self._scrub(result))
         return None
 
-    def _unreachable(self, exc: Exception, halt: Halt | None = None) -> None:
-        timeout = isinstance(exc, rx.TimeoutError)
-        self._counters.add(errors=1, timeouts=int(timeout))
-        if halt is None or halt.stop(unreachable=True):
-            self._link.failed(self._scrub(exc))
+    def _count_lost(self, exc: Exception) -> str:
+        """Count a round trip that did not come back; its cause, for the log."""
+        self._counters.add(errors=1, timeouts=int(isinstance(exc, rx.TimeoutError)))
+        return self._scrub(exc)
 
     def _refused(self, exc: Exception) -> None:
         self._counters.add(errors=1)

@@ -1,14 +1,12 @@
 """Connections of the remote tier: opening it from ``remote_url`` (standalone, TLS, unix
-socket or cluster), whether the server is worth asking (:class:`Link`), and reading
-values straight into the buffers they belong in (:func:`get_into`); a call's tasks spread
-over threads (:class:`CallThreads`)."""
+socket or cluster) and reading values straight into the buffers they belong in
+(:func:`get_into`); a call's tasks spread over threads (:class:`CallThreads`). Whether
+and where to ask is :mod:`kvshelf.storage.redis_nodes`."""
 
 from __future__ import annotations
 
-import logging
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, TypeVar
@@ -25,8 +23,6 @@ from kvshelf.storage.base import BufferSource
 
 if TYPE_CHECKING:  # the store imports this module for its reads
     from kvshelf.storage.redis import Client, RedisStore
-
-logger = logging.getLogger("kvshelf.storage.redis")  # the tier's one logger
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -135,75 +131,7 @@ def _url_password(url: str) -> str | None:
     return unquote(creds.partition(":")[2]) if ":" in creds else None
 
 
-# -- up/down -----------------------------------------------------------------------
-class Link:
-    """Whether the server is worth asking: up, or down until a backoff deadline.
-
-    Thread-safe. While down, :meth:`ready` lets one caller through per deadline to probe.
-    """
-
-    def __init__(self, url: str, backoff_s: tuple[float, float]):
-        self.url = url
-        self._first_s, self._max_s = backoff_s
-        self._lock = threading.Lock()
-        self._down_since: float | None = None
-        self._retry_at = 0.0
-        self._wait_s = 0.0
-
-    def ready(self) -> bool:
-        with self._lock:
-            if self._down_since is None:
-                return True
-            now = time.monotonic()
-            if now < self._retry_at:
-                return False
-            self._retry_at = now + self._wait_s  # the others keep missing while we probe
-            return True
-
-    def failed(self, cause: str) -> None:
-        with self._lock:
-            now = time.monotonic()
-            went_down = self._down_since is None
-            if went_down:
-                self._down_since, self._wait_s = now, self._first_s
-            else:
-                self._wait_s = min(self._wait_s * 2, self._max_s)
-            self._retry_at = now + self._wait_s
-        if went_down:
-            logger.warning(
-                "remote tier: %s unreachable (%s); lookups miss and saves are "
-                "dropped until it is back",
-                self.url,
-                cause,
-            )
-
-    def succeeded(self) -> None:
-        with self._lock:
-            if self._down_since is None:
-                return
-            down_s, self._down_since = time.monotonic() - self._down_since, None
-        logger.info("remote tier: %s is back after %.1f s", self.url, down_s)
-
-
-class Halt:
-    """One call's stop sign, shared by its parallel tasks: once the server could not be
-    reached or refused a write, tasks not yet started send nothing. Thread-safe."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.stopped = False
-        self.unreachable = False
-
-    def stop(self, unreachable: bool = False) -> bool:
-        """Stop the call; ``True`` for its first unreachable report, the one that the
-        link hears (several would each double the backoff)."""
-        with self._lock:
-            first = unreachable and not self.unreachable
-            self.stopped = True
-            self.unreachable |= unreachable
-            return first
-
-
+# -- a call's threads ----------------------------------------------------------
 class CallThreads:
     """Runs one call's tasks on the calling thread and up to ``count - 1`` helper threads
     that every call shares (started on first use). The calling thread works through the
@@ -292,6 +220,27 @@ def get_into(
         raise
 
 
+# The errors a cluster node answers with, as redis-py's parser names them.
+_CLUSTER_ERRORS: dict[str, type[rx.ResponseError]] = {
+    "MOVED": rx.MovedError,
+    "ASK": rx.AskError,
+    "TRYAGAIN": rx.TryAgainError,
+    "CLUSTERDOWN": rx.ClusterDownError,
+    "MASTERDOWN": rx.MasterDownError,
+}
+
+
+def server_error(text: str) -> rx.ResponseError:
+    """An error reply as redis-py's own parser would raise it: ``MOVED 12 h:p`` is a
+    ``MovedError``, so that a cluster's answers mean the same on either read path."""
+    code, _, rest = text.partition(" ")
+    kind = _CLUSTER_ERRORS.get(code)
+    try:
+        return kind(rest) if kind is not None else rx.ResponseError(text)
+    except ValueError:  # a MOVED or ASK without its slot and address
+        return rx.ResponseError(text)
+
+
 class _Replies:
     """RESP replies read off one socket: lines through a small buffer, values into place."""
 
@@ -305,7 +254,7 @@ class _Replies:
         line = self._line()
         kind, rest = line[:1], line[1:]
         if kind == b"-":
-            return rx.ResponseError(rest.decode(errors="replace"))
+            return server_error(rest.decode(errors="replace"))
         if kind == b"_":  # RESP3 null
             return None
         if kind != b"$" or not rest.lstrip(b"-").isdigit():

@@ -8,7 +8,8 @@ that they live in one slot::
 
 The head is the 256-byte codec header, then a trailer: the part size, the writer's
 random nonce and an xxh3-64 of both. A part holds at most ``part_bytes``, so no value
-comes near Redis' 512 MB bulk limit whatever the chunk size.
+comes near Redis' 512 MB bulk limit whatever the chunk size. With a TTL, parts live a
+minute longer than their head, so a visible head has its parts.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ _TRAILER_VERSION = 1
 _SUM = struct.Struct("<Q")  # xxh3-64 of codec header + trailer
 HEAD_BYTES = HEADER_BYTES + _TRAILER.size + _SUM.size
 NONCE_BYTES = 8
+PART_TTL_SLACK_S = 60
 
 
 def key_tag(key: StoreKey) -> str:
@@ -63,6 +65,21 @@ def part_spans(key: StoreKey, nonce: bytes, total: int, step: int) -> list[tuple
         (part_key(key, nonce, i), offset, min(step, total - offset))
         for i, offset in enumerate(range(0, total, step))
     ]
+
+
+def part_commands(entry: Entry, nonce: bytes, part_bytes: int, ttl_s: int | None) -> list[tuple]:
+    """The ``SET`` of each of the entry's payload parts, stored under ``nonce``."""
+    payload = entry.payload
+    payload = payload.cast("B") if payload.format != "B" else payload
+    ttl = () if ttl_s is None else ("EX", ttl_s + PART_TTL_SLACK_S)
+    spans = part_spans(entry.key, nonce, entry.nbytes, part_bytes)
+    return [("SET", key, payload[offset : offset + n], *ttl) for key, offset, n in spans]
+
+
+def head_command(entry: Entry, nonce: bytes, part_bytes: int, ttl_s: int | None) -> tuple:
+    """The head's ``SET NX``; it carries the payload checksum, computed here."""
+    ttl = () if ttl_s is None else ("EX", ttl_s)
+    return ("SET", head_key(entry.key), encode_head(entry, part_bytes, nonce), "NX", *ttl)
 
 
 def encode_head(entry: Entry, part_bytes: int, nonce: bytes) -> bytes:

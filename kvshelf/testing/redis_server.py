@@ -56,7 +56,9 @@ class RedisServer:
     ``redis+cluster://`` URLs); with ``masters`` (at least 3, as Redis wants for
     failover) and ``replicas`` per master it starts one process per node, listed in
     :attr:`nodes`, and :meth:`client` talks to the first. ``cluster_node_timeout_ms``
-    sets how soon a silent master is failed over. ``unix_socket=True`` also listens on
+    sets how soon a silent master is failed over; ``cluster_full_coverage=False`` lets the
+    other masters serve their slots while a failed one has not been replaced yet
+    (``cluster-require-full-coverage no``). ``unix_socket=True`` also listens on
     ``unix_path``. ``tls=True`` serves TLS only, with a throwaway CA (needs the
     ``openssl`` command) and requires a client certificate: see :attr:`tls_files`.
     ``io_threads`` > 1 lets the server write replies on that many threads.
@@ -74,6 +76,7 @@ class RedisServer:
         masters: int = 1,
         replicas: int = 0,
         cluster_node_timeout_ms: int | None = None,
+        cluster_full_coverage: bool = True,
         io_threads: int = 1,
         tls: bool = False,
         binary: str | None = None,
@@ -97,6 +100,7 @@ class RedisServer:
         self.cluster = cluster
         self.masters = masters
         self.cluster_node_timeout_ms = cluster_node_timeout_ms
+        self.cluster_full_coverage = cluster_full_coverage
         self.io_threads = io_threads
         # The cluster bus defaults to port + 10000, which may be taken or past 65535.
         self.cluster_bus_port = free_port(self.host) if cluster else None
@@ -110,6 +114,7 @@ class RedisServer:
                 requirepass=requirepass,
                 cluster=True,
                 cluster_node_timeout_ms=cluster_node_timeout_ms,
+                cluster_full_coverage=cluster_full_coverage,
                 io_threads=io_threads,
                 binary=found,
                 startup_timeout_s=startup_timeout_s,
@@ -297,6 +302,8 @@ class RedisServer:
             ]
         if self.cluster_node_timeout_ms is not None:
             lines.append(f"cluster-node-timeout {self.cluster_node_timeout_ms}")
+        if self.cluster and not self.cluster_full_coverage:
+            lines.append("cluster-require-full-coverage no")
         if self.requirepass is not None and self.cluster:
             lines.append(f"masterauth {self.requirepass}")  # replicas log in to masters
         return "\n".join(lines) + "\n"
