@@ -226,7 +226,7 @@ class RedisStore(Store):
                 self._corrupt(key, exc)
                 bad.append((key, None))
                 continue
-            block = self._buffer(head.header.payload_bytes)
+            block = self._buffer(head.header.payload_bytes, key)
             reads.append((i, _Read(key, head, block, parts_left=len(head.parts()))))
         self._remove(bad)
         return reads
@@ -312,8 +312,9 @@ class RedisStore(Store):
             return None
         return entry_from(read.head.header, read.block.view, read.block)
 
-    def _buffer(self, nbytes: int) -> HostBlock:
-        block = self.buffers.allocate(nbytes) if self.buffers is not None else None
+    def _buffer(self, nbytes: int, key: StoreKey) -> HostBlock:
+        # The key tells a shared memory tier whose memory (pinned KV, heap encoder) to use.
+        block = self.buffers.allocate(nbytes, key) if self.buffers is not None else None
         return block if block is not None else self._heap.alloc(nbytes)
 
     def _give_back(self, block: HostBlock) -> None:
