@@ -45,6 +45,7 @@ class _Request:
     num_prompt_tokens: int
     media: list[tuple[str, int, int]] = field(default_factory=list)  # modality, offset, length
     hit_tokens: int = 0
+    looked_up: bool = False  # the workers hold a lookup for it, to release once unused
     done: set[ChunkKey] = field(default_factory=set)  # cached or already saved
     block_ids: BlockIds = ()
     external_tokens: int = 0  # to load in the request's next step
@@ -98,6 +99,7 @@ class SchedulerSide:
         hit = self._lookup(request.request_id, state.plan)
         if hit is None:
             return None, False  # a worker is still reading; vLLM asks again next step
+        state.looked_up = True
         if hit < MIN_HIT_TOKENS:
             hit = 0  # loading KV to skip a handful of tokens costs more than it saves
         state.hit_tokens = hit
@@ -118,13 +120,18 @@ class SchedulerSide:
         if state is None:
             return
         state.external_tokens = num_external_tokens
-        if num_external_tokens == 0 and state.hit_tokens:
-            self._released.append(request.request_id)  # nothing to load: unpin now
+        if num_external_tokens == 0 and state.looked_up:
+            # Nothing to load: unpin the hit now, and let the workers forget the lookup
+            # (it answers once per request), so a request resumed after a preemption
+            # looks up afresh and finds what it saved before. A load's hold goes once
+            # its copies are done.
+            self._released.append(request.request_id)
         elif num_external_tokens and self.async_loads:
             # The request waits for its load, done in the next step's start_load_kv
             # whatever that step computes, and reported by the worker when finished.
             state.block_ids = tuple(list(ids) for ids in blocks.get_block_ids())
             self._async.append(request.request_id)
+        state.looked_up = False
         self._log_request(request, state, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVShelfMetadata:

@@ -4,113 +4,21 @@ worker that stores what each step's saves ask for. Seconds, not server starts.""
 
 from __future__ import annotations
 
-import itertools
-from types import SimpleNamespace
-
 import pytest
 import torch
-from vllm import SamplingParams
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
-from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
 from vllm.v1.kv_cache_interface import (
     CrossAttentionSpec,
     FullAttentionSpec,
-    KVCacheConfig,
-    KVCacheGroupSpec,
     MambaSpec,
     SlidingWindowSpec,
 )
-from vllm.v1.request import Request
 
-from kvshelf.codec import FORMAT_VERSION
 from kvshelf.config import ConfigError, load_config
-from kvshelf.engine import CacheEngine
-from kvshelf.keys import Namespace, state_chunk
-from kvshelf.lookup import LookupServer, WorkerLookup, socket_path
+from kvshelf.keys import state_chunk
 from kvshelf.vllm.connector import fit_chunk_size
-from kvshelf.vllm.groups import describe_groups
-from kvshelf.vllm.metadata import KVShelfMetadata
-from kvshelf.vllm.scheduler import SchedulerSide
 
-CHUNK = 32
-BLOCK = 16
-STEP = 32  # --max-num-batched-tokens
-ATTN = {"block_size": BLOCK, "num_kv_heads": 1, "head_size": 4, "dtype": torch.float32}
-_ids = itertools.count()
-
-
-def vllm_config(engine_id: str) -> SimpleNamespace:
-    """The fields of VllmConfig the scheduler side reads."""
-    return SimpleNamespace(
-        cache_config=SimpleNamespace(block_size=BLOCK, enable_prefix_caching=False),
-        kv_transfer_config=SimpleNamespace(engine_id=engine_id),
-        parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1),
-        scheduler_config=SimpleNamespace(max_num_batched_tokens=STEP),
-        model_config=SimpleNamespace(multimodal_config=None),
-    )
-
-
-class Setup:
-    """A scheduler side and, behind its lookup socket address, a worker's engine."""
-
-    def __init__(self, tmp_path, *groups, needs_state: bool):
-        engine_id = f"steps-{next(_ids)}"
-        config = load_config({"chunk_size": CHUNK, "cpu_bytes": 10**7}, environ={})
-        self.groups = describe_groups(
-            KVCacheConfig(1000, [], [KVCacheGroupSpec(list(n), s) for n, s in groups])
-        )
-        namespace = Namespace("m", "hybrid", 0, 1, CHUNK, FORMAT_VERSION)
-        self.engine = CacheEngine(config, namespace, lambda n: ("uint8", (max(n, 1),)))
-        self.lookup = WorkerLookup(self.engine, prefetch=True, needs_state=needs_state)
-        self.server = LookupServer(self.lookup, socket_path(engine_id, 0))
-        self.side = SchedulerSide(vllm_config(engine_id), config, "kv_both", self.groups)
-
-    def close(self):
-        self.server.close()
-        self.lookup.close()
-        self.engine.close()
-
-    def store(self, meta: KVShelfMetadata) -> None:
-        """The worker's part: every chunk and state a step's saves name is stored."""
-        for spec in meta.saves:
-            chunks = [*spec.chunks, *(state for state, _ in spec.states)]
-            for chunk in chunks:
-                entry = self.engine.new_entry(chunk, "uint8", (max(chunk.num_tokens, 1),))
-                self.engine.save([entry])
-
-    def run(self, request: Request, block_ids, steps: list[int]) -> list[KVShelfMetadata]:
-        """Schedule ``request`` for prefill steps of ``steps`` tokens, as vLLM would. A
-        hit of a model with several KV cache groups loads asynchronously: in a step of
-        its own (the first meta returned), before the request computes anything."""
-        external, load_async = self.side.get_num_new_matched_tokens(request, 0)
-        assert load_async == (external > 0)
-        blocks = SimpleNamespace(get_block_ids=lambda: block_ids)
-        self.side.update_state_after_alloc(request, blocks, external)
-        computed, metas = external, []
-        if load_async:
-            metas.append(self.side.build_connector_meta(SchedulerOutput.make_empty()))
-        for i, tokens in enumerate(steps):
-            output = SchedulerOutput.make_empty()
-            output.num_scheduled_tokens = {request.request_id: tokens}
-            if i == 0:
-                request.num_computed_tokens = computed
-                output.scheduled_new_reqs = [NewRequestData.from_request(request, block_ids)]
-            else:
-                cached = CachedRequestData.make_empty()
-                cached.req_ids = [request.request_id]
-                cached.new_block_ids = [None]
-                cached.num_computed_tokens = [computed]
-                output.scheduled_cached_reqs = cached
-            meta = self.side.build_connector_meta(output)
-            self.store(meta)
-            metas.append(meta)
-            computed += tokens
-        self.engine.flush(10)
-        return metas
-
-
-def request(tokens: list[int]) -> Request:
-    return Request(f"r{next(_ids)}", tokens, SamplingParams(max_tokens=1), None)
+from .scheduler_harness import ATTN, BLOCK, Setup, request
 
 
 @pytest.fixture
