@@ -111,6 +111,33 @@ def pick_media(request_type: str, given: Sequence[Media], builtin: dict[str, Med
     return [builtin[name] for name in BUILTIN_MEDIA[request_type]]
 
 
+def user_content(
+    parts: Sequence[dict[str, Any]], text: str, filler_words: int = 0, filler_seed: int = 0
+) -> list[dict[str, Any]]:
+    """A user message's content: the media parts first, then (filler and) the text."""
+    if filler_words > 0:
+        text = f"{filler_text(filler_words, filler_seed)}\n{text}"
+    return [*parts, {"type": "text", "text": text}]
+
+
+def chat_request(
+    model: str,
+    messages: list[dict[str, Any]],
+    *,
+    max_tokens: int = 4,
+    temperature: float = 0.0,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A ``/v1/chat/completions`` body; ``extra`` adds fields such as ``cache_salt``."""
+    return {
+        "model": model,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        **extra,
+    }
+
+
 def chat_body(
     model: str,
     media: Sequence[Media],
@@ -121,20 +148,13 @@ def chat_body(
     cache_salt: str | None = None,
     question: str = QUESTION,
 ) -> dict[str, Any]:
-    """A ``/v1/chat/completions`` body: one user message, greedy decoding."""
-    text = question
-    if filler_words > 0:
-        text = f"{filler_text(filler_words, filler_seed)}\n{question}"
-    content = [m.part() for m in media] + [{"type": "text", "text": text}]
-    body: dict[str, Any] = {
-        "model": model,
-        "messages": [{"role": "user", "content": content}],
-        "max_tokens": max_tokens,
-        "temperature": 0.0,
-    }
-    if cache_salt:
-        body["cache_salt"] = cache_salt  # vLLM: keeps this run's prompts apart from others'
-    return body
+    """One user message about ``media``, greedy decoding."""
+    content = user_content([m.part() for m in media], question, filler_words, filler_seed)
+    # cache_salt keeps this run's prompts apart from others' in vLLM and kvshelf.
+    extra: dict[str, Any] = {"cache_salt": cache_salt} if cache_salt else {}
+    return chat_request(
+        model, [{"role": "user", "content": content}], max_tokens=max_tokens, **extra
+    )
 
 
 def fit_filler(

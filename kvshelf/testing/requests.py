@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kvshelf.bench.media import mime_of
-from kvshelf.bench.payloads import PART_TYPES, REQUEST_TYPES
-from kvshelf.bench.words import filler_text
+from kvshelf.bench.payloads import REQUEST_TYPES, load_media, user_content
 
 # Media (names from kvshelf.bench.media.make_media) each request type sends by default.
 DEFAULT_MEDIA: dict[str, tuple[str, ...]] = {
@@ -27,22 +26,15 @@ DEFAULT_MEDIA: dict[str, tuple[str, ...]] = {
 }
 
 
-def data_url(path: str | os.PathLike[str]) -> str:
-    """The file as a base64 `data:` URL with its MIME type."""
-    encoded = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-    return f"data:{mime_of(path)};base64,{encoded}"
-
-
 def file_url(path: str | os.PathLike[str]) -> str:
     """An absolute `file://` URL (needs `--allowed-local-media-path` on the server)."""
     return Path(path).resolve().as_uri()
 
 
 def media_part(path: str | os.PathLike[str], *, use_file_url: bool = False) -> dict[str, Any]:
-    """A content part (`image_url`, `audio_url` or `video_url`) chosen by the file's MIME type."""
-    part_type = PART_TYPES[mime_of(path).split("/")[0]]
-    url = file_url(path) if use_file_url else data_url(path)
-    return {"type": part_type, part_type: {"url": url}}
+    """A content part (`image_url`, `audio_url` or `video_url`) chosen by the file's MIME type:
+    the file inline as a `data:` URL, or by `file://` URL."""
+    return load_media(path, as_file_url=use_file_url).part()
 
 
 def input_audio_part(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -75,10 +67,7 @@ def build_content(
     if missing:
         raise KeyError(f"media {missing} not given; have {sorted(media)}")
     parts = [media_part(media[name], use_file_url=use_file_urls) for name in names]
-    if filler_tokens > 0:
-        text = f"{filler_text(filler_tokens, filler_seed)}\n{text}"
-    parts.append({"type": "text", "text": text})
-    return parts
+    return user_content(parts, text, filler_tokens, filler_seed)
 
 
 def build_messages(
@@ -86,21 +75,3 @@ def build_messages(
 ) -> list[dict[str, Any]]:
     """A one-turn conversation: a single user message built by `build_content`."""
     return [{"role": "user", "content": build_content(request_type, media, **content_kwargs)}]
-
-
-def chat_request(
-    model: str,
-    messages: list[dict[str, Any]],
-    *,
-    max_tokens: int = 4,
-    temperature: float = 0.0,
-    **extra: Any,
-) -> dict[str, Any]:
-    """A `/v1/chat/completions` body; `extra` adds fields such as `cache_salt` or `seed`."""
-    return {
-        "model": model,
-        "messages": messages,
-        "max_tokens": max_tokens,
-        "temperature": temperature,
-        **extra,
-    }
