@@ -573,8 +573,14 @@ def print_tables(results: list[Result], lookups: list[dict]) -> None:
     console.print(lookup)
 
 
-def plot(results: list[Result], lookups: list[dict], path: Path) -> None:
-    import matplotlib
+def plot(results: list[Result], lookups: list[dict], path: Path) -> bool:
+    """Write the chart; False without matplotlib (the bench extra), whose numbers the
+    JSON holds anyway."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -602,6 +608,7 @@ def plot(results: list[Result], lookups: list[dict], path: Path) -> None:
     right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    return True
 
 
 def main() -> None:
@@ -652,8 +659,7 @@ def main() -> None:
     }
     args.out.write_text(json.dumps(report, indent=2))
     png = args.out.with_suffix(".png")
-    plot(results, lookups, png)
-    print(f"wrote {args.out} and {png}")
+    print(f"wrote {args.out}" + (f" and {png}" if plot(results, lookups, png) else ""))
 
 
 if __name__ == "__main__":
