@@ -218,6 +218,24 @@ class CacheEngine:
             )
         return [h.chunk for h in good]
 
+    def paced_hit(
+        self, plan: ChunkPlan, needs_state: bool = False, seconds_per_token: float | None = None
+    ) -> list[Chunk]:
+        """:meth:`locate_hit` cut to the prefix that loads faster than it recomputes, from
+        the tiers' measured read rates, reading nothing (a lookup with prefetch off: the
+        load reads later). A tier not measured yet is offered up to a probe's worth."""
+        if seconds_per_token is not None:
+            self.seconds_per_token = seconds_per_token
+        located = self.locate_hit(plan, needs_state)
+        spt = self.seconds_per_token
+        if spt is None or not located or not self.store.lower or self.payload_spec is None:
+            return located
+        costs = self._costs(located)
+        count = paying_prefix(costs, spt, needs_state)
+        if count < len(located) and all(c.rate is not None for c in costs[count:]):
+            self._note_unpaid(located[count:], spt)
+        return located[:count]
+
     def fetch_plan(
         self,
         plan: ChunkPlan,

@@ -78,7 +78,7 @@ class WorkerLookup:
         """Hit length in tokens, or :data:`PENDING`. Idempotent per request. With the
         model's prefill speed, only what loads faster than it recomputes is a hit."""
         if not self.prefetch:
-            located = self.engine.locate_hit(plan, self.needs_state)
+            located = self.engine.paced_hit(plan, self.needs_state, seconds_per_token)
             return located[-1].end if located else 0
         keys = tuple(c.key for c in plan.full) + tuple(c.key for c in plan.cuts)
         with self._lock:

@@ -10,6 +10,7 @@ from kvshelf.codec import FORMAT_VERSION
 from kvshelf.config import load_config
 from kvshelf.engine import CacheEngine
 from kvshelf.keys import Namespace
+from kvshelf.lookup import WorkerLookup
 from kvshelf.pacing import PROBE_BYTES, ChunkCost, PrefillClock, paying_prefix
 from tests.test_engine import CHUNK, make_engine, text
 
@@ -124,3 +125,24 @@ def test_the_prefill_speed_survives_a_restart(tmp_path):
     again = make_engine(tmp_path)
     assert again.seconds_per_token == 0.004
     again.close()
+
+
+def test_with_prefetch_off_a_lookup_is_paced_without_reading(two_tiers):
+    """prefetch: false answers from what exists; the hit offered is still only what loads
+    faster than it recomputes, by the rates measured so far (regression: it was unpaced)."""
+    engine, plan = two_tiers
+    lookup = WorkerLookup(engine, prefetch=False)
+    slow_unknown = 1e-9  # no rate measured yet: up to a probe's worth (here all 12 MiB)
+    probe_chunks = -(-PROBE_BYTES // CHUNK_BYTES)
+    assert lookup.lookup("r0", plan, 1.0, slow_unknown) == min(12, probe_chunks) * CHUNK
+    engine.fetch_plan(plan, "probe", seconds_per_token=1.0)  # a load measures the disk
+    engine.release("probe")
+    engine.store.memory.delete([engine.key(c) for c in plan.full])
+    rate = engine.store.read_rate("disk")
+    slow = CHUNK_BYTES / rate / CHUNK / 10
+    assert lookup.lookup("r1", plan, 1.0, slow) == 0
+    assert engine.stats()[0].unpaid_tokens == 12 * CHUNK
+    assert engine.hold("r1") is None  # nothing was read or pinned
+    fast = CHUNK_BYTES / rate / CHUNK * 10
+    assert lookup.lookup("r2", plan, 1.0, fast) == 12 * CHUNK
+    lookup.close()
