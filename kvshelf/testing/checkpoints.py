@@ -32,6 +32,16 @@ class SizePreset:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    def text_sizes(self) -> dict[str, Any]:
+        """The language model's sizes under transformers' config names."""
+        return {
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+        }
+
 
 # vLLM's CPU attention supports head sizes of 32 and up, hence xs has 4 heads of 32.
 SIZES: dict[str, SizePreset] = {

@@ -76,16 +76,6 @@ SERVE_ARGS: dict[str, tuple[str, ...]] = {
 NEEDS_TORCHVISION: tuple[str, ...] = ("llava", "llava_onevision")
 
 
-def _tiny_text(preset: SizePreset) -> dict[str, Any]:
-    return {
-        "hidden_size": preset.hidden_size,
-        "intermediate_size": preset.intermediate_size,
-        "num_hidden_layers": preset.num_layers,
-        "num_attention_heads": preset.num_heads,
-        "num_key_value_heads": preset.num_kv_heads,
-    }
-
-
 # Tiny towers; the real ones are in REAL_SHAPES.
 _TINY_VISION = {
     "hidden_size": 64,
@@ -110,16 +100,16 @@ def tiny_writers() -> dict[str, Callable[[Path, SizePreset, str], Shapes]]:
     """build_model's writer for each family: an LM of the preset, tiny towers."""
     return {
         "llava": lambda out, preset, dtype: write_llava(
-            out, _tiny_text(preset), _TINY_VISION, dtype
+            out, preset.text_sizes(), _TINY_VISION, dtype
         ),
         "phi3_v": lambda out, preset, dtype: write_phi3_v(
-            out, _tiny_text(preset), clip_layer=0, dtype=dtype
+            out, preset.text_sizes(), clip_layer=0, dtype=dtype
         ),
         "llava_onevision": lambda out, preset, dtype: write_llava_onevision(
-            out, _tiny_text(preset), _TINY_VISION, dtype
+            out, preset.text_sizes(), _TINY_VISION, dtype
         ),
         "ultravox": lambda out, preset, dtype: write_ultravox(
-            out, _tiny_text(preset), _TINY_WHISPER, dtype, projector_size=256
+            out, preset.text_sizes(), _TINY_WHISPER, dtype, projector_size=256
         ),
     }
 

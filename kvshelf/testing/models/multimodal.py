@@ -50,11 +50,7 @@ def write_qwen2_audio(out: Path, preset: SizePreset, dtype: str) -> Shapes:
     )
     text = Qwen2Config(
         vocab_size=pad_vocab_size(len(tokenizer)),
-        hidden_size=preset.hidden_size,
-        intermediate_size=preset.intermediate_size,
-        num_hidden_layers=preset.num_layers,
-        num_attention_heads=preset.num_heads,
-        num_key_value_heads=preset.num_kv_heads,
+        **preset.text_sizes(),
         max_position_embeddings=8192,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.eos_token_id,
@@ -152,11 +148,7 @@ def write_idefics3(out: Path, preset: SizePreset, dtype: str) -> Shapes:
     )
     text = LlamaConfig(
         vocab_size=pad_vocab_size(len(tokenizer)),
-        hidden_size=preset.hidden_size,
-        intermediate_size=preset.intermediate_size,
-        num_hidden_layers=preset.num_layers,
-        num_attention_heads=preset.num_heads,
-        num_key_value_heads=preset.num_kv_heads,
+        **preset.text_sizes(),
         max_position_embeddings=8192,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
