@@ -38,6 +38,15 @@ def cold_run(serving: Serving, tokens: list[int], block_ids: list[int]) -> None:
     serving.finish(cold)
 
 
+def repeat_reads_back(serving: Serving, block_ids: list[int]) -> None:
+    """The whole PROMPT again, into ``block_ids``: it hits all but its last token, and
+    every slot then holds the KV that token had when it was first computed."""
+    again = request(PROMPT)
+    assert serving.admit(again, block_ids) == 99
+    serving.step(Scheduled(again, 1))
+    assert serving.positions_holding(again, block_ids) == list(range(100))
+
+
 def test_a_cold_request_saves_every_chunk_its_step_completes(serving):
     """A prompt of 100 tokens (chunks of 32) computed in one step: no hit; one SaveSpec
     with the three full chunks and, as a cut chunk of its own, the 4-token tail (a
@@ -144,10 +153,7 @@ def test_chunked_prefill_saves_each_chunk_in_the_step_that_completes_it(serving)
     assert serving.step(Scheduled(chunked, 1)).meta.saves == []  # decoding
     serving.finish(chunked)
 
-    again = request(PROMPT)
-    assert serving.admit(again, list(range(31, 38))) == 99
-    serving.step(Scheduled(again, 1))
-    assert serving.positions_holding(again, list(range(31, 38))) == list(range(100))
+    repeat_reads_back(serving, list(range(31, 38)))
 
 
 def test_a_chunked_repeat_loads_in_its_first_step_only(serving):
@@ -209,10 +215,7 @@ def _preempted_mid_prefill(serving: Serving) -> None:
     serving.finish(victim)
     serving.finish(other)
 
-    again = request(PROMPT)
-    assert serving.admit(again, list(range(51, 58))) == 99
-    serving.step(Scheduled(again, 1))
-    assert serving.positions_holding(again, list(range(51, 58))) == list(range(100))
+    repeat_reads_back(serving, list(range(51, 58)))
 
 
 def test_a_request_preempted_while_decoding_loads_its_whole_prompt(serving):
